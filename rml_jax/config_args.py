@@ -1,0 +1,55 @@
+"""Parsing of the config arg string: `--config=configs/digits.py:mode=iml,seed=1`."""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+from rml_jax.errors import UserError
+
+# Short names accepted in the arg string, mapped to their config paths.
+ALIASES = {"mode": "rml.mode", "steps": "total_steps", "workers": "data.worker_count"}
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, arg: str | None,
+                    presets: dict | None = None) -> ml_collections.ConfigDict:
+  """Applies `name` presets and `key=value` overrides (comma separated) to `config`.
+
+  A preset is a function config -> None from `presets`. Unknown names stop with one line.
+  """
+  presets = presets or {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      if item not in presets:
+        raise UserError(f"config arg {item!r}: unknown preset; expected one of "
+                        f"{sorted(presets)} or key=value")
+      presets[item](config)
+      continue
+    key, text = item.split("=", 1)
+    path = ALIASES.get(key.strip(), key.strip())
+    node = config
+    parts = path.split(".")
+    for part in parts[:-1]:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise UserError(f"config arg {key!r}: unknown config key {path!r}")
+      node = node[part]
+    if parts[-1] not in node:
+      raise UserError(f"config arg {key!r}: unknown config key {path!r}")
+    value = _parse_value(text.strip())
+    if isinstance(node[parts[-1]], float) and isinstance(value, int):
+      value = float(value)
+    if isinstance(node[parts[-1]], tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise UserError(f"config arg {key!r}: {e}") from None
+  return config

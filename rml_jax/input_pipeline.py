@@ -1,0 +1,155 @@
+"""grain pipelines: labeled batches (weak view) and unlabeled weak/strong pairs, and eval batches.
+
+Train batches are a dict
+  {'labeled':   {'image': [Bl, h, w, 3] uint8, 'label': [Bl, h, w] int32 (255 = ignore)},
+   'unlabeled': {'weak': [Bu, h, w, 3] uint8, 'strong': [Bu, h, w, 3] uint8,
+                 'valid': [Bu, h, w] bool (False on padding), 'label': [Bu, h, w] int32
+                 (hidden ground truth, only for pseudo-label accuracy; 255 where unknown)}}
+with per-process batch sizes; the two streams are zipped into one grain iterator, so one
+iterator state checkpoints both.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from rml_jax import augment
+from rml_jax.errors import UserError
+
+IGNORE = 255
+
+
+def _ensure_flags_parsed():
+  # grain reads absl flags in its worker processes; library use (tests) has none parsed.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _label_map(example: dict[str, Any]) -> np.ndarray:
+  label = np.asarray(example["label"])
+  return label[..., 0] if label.ndim == 3 else label
+
+
+def labeled_example(example: dict[str, Any], rng: np.random.Generator, *,
+                    crop_size, scale_range, flip) -> dict[str, np.ndarray]:
+  """Weak view of a labeled example: {'image' [h, w, 3] uint8, 'label' [h, w] int32}."""
+  image, maps = augment.weak_geometry(
+      rng, np.asarray(example["image"]), {"label": _label_map(example)}, tuple(crop_size),
+      tuple(scale_range), flip, {"label": IGNORE})
+  return {"image": image, "label": maps["label"].astype(np.int32)}
+
+
+def unlabeled_example(example: dict[str, Any], rng: np.random.Generator, *, crop_size,
+                      scale_range, flip, num_ops, magnitude_range, ops) -> dict[str, np.ndarray]:
+  """A weak/strong pair with one geometry: the strong view is RandAugment of the weak one."""
+  image = np.asarray(example["image"])
+  maps = {"valid": np.ones(image.shape[:2], np.uint8)}
+  maps["label"] = (_label_map(example) if "label" in example
+                   else np.full(image.shape[:2], IGNORE, np.uint8))
+  weak, maps = augment.weak_geometry(rng, image, maps, tuple(crop_size), tuple(scale_range),
+                                     flip, {"valid": 0, "label": IGNORE})
+  strong = augment.rand_augment(rng, weak, num_ops, tuple(magnitude_range), tuple(ops))
+  return {"weak": weak, "strong": strong, "valid": maps["valid"].astype(bool),
+          "label": maps["label"].astype(np.int32)}
+
+
+def _process_shard(dataset: grain.MapDataset) -> grain.MapDataset:
+  return dataset[jax.process_index()::jax.process_count()]
+
+
+def _per_process(global_batch: int, key: str) -> int:
+  if global_batch % jax.process_count():
+    raise UserError(f"config.{key}={global_batch} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return global_batch // jax.process_count()
+
+
+def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.ndarray,
+                  unlabeled_idx: np.ndarray, with_unlabeled: bool) -> grain.IterDataset:
+  """The infinite train stream: reshuffled every epoch, deterministic for config.seed."""
+  data = config.data
+  labeled = _process_shard(grain.MapDataset.source(_Subset(source, labeled_idx)))
+  labeled = (labeled.shuffle(seed=config.seed).repeat(None)
+             .random_map(functools.partial(labeled_example, crop_size=data.crop_size,
+                                           scale_range=data.scale_range, flip=data.flip),
+                         seed=config.seed)
+             .batch(_per_process(config.labeled_batch_size, "labeled_batch_size"),
+                    drop_remainder=True))
+  streams = {"labeled": labeled}
+  if with_unlabeled:
+    strong = config.augment
+    unlabeled = _process_shard(grain.MapDataset.source(_Subset(source, unlabeled_idx)))
+    unlabeled = (unlabeled.shuffle(seed=config.seed + 1).repeat(None)
+                 .random_map(functools.partial(
+                     unlabeled_example, crop_size=data.crop_size, scale_range=data.scale_range,
+                     flip=data.flip, num_ops=strong.num_ops,
+                     magnitude_range=strong.magnitude_range, ops=tuple(strong.ops)),
+                     seed=config.seed + 1)
+                 .batch(_per_process(config.unlabeled_batch_size, "unlabeled_batch_size"),
+                        drop_remainder=True))
+    streams["unlabeled"] = unlabeled
+  length = min(len(s) for s in streams.values())
+  names = sorted(streams)
+  zipped = grain.experimental.ZipMapDataset([streams[n][:length] for n in names])
+  return zipped.map(functools.partial(_as_dict, names=tuple(names))).to_iter_dataset()
+
+
+def _as_dict(batches: tuple, names: tuple[str, ...]) -> dict[str, Any]:
+  return dict(zip(names, batches))
+
+
+class _Subset:
+  """A random-access view of `source` at `indices` (picklable for grain workers)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+
+def train_iterator(config: ml_collections.ConfigDict, source, labeled_idx: np.ndarray,
+                   unlabeled_idx: np.ndarray, with_unlabeled: bool) -> grain.DatasetIterator:
+  """Iterator over train batches, prepared in config.data.worker_count worker processes."""
+  _ensure_flags_parsed()
+  dataset = train_dataset(config, source, labeled_idx, unlabeled_idx, with_unlabeled)
+  if config.data.worker_count > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.data.worker_count, per_worker_buffer_size=config.data.prefetch))
+  return iter(dataset)
+
+
+def eval_batches(config: ml_collections.ConfigDict, source,
+                 indices: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed-size eval batches {'image' [B, H, W, 3] uint8, 'label' [B, H, W] int32}.
+
+  The last batch is padded with ignore labels, so every batch has one shape (one compile) and
+  padding never reaches the confusion matrix. Images must share one size.
+  """
+  batch_size = _per_process(config.eval_batch_size, "eval_batch_size")
+  dataset = grain.MapDataset.source(source if indices is None else _Subset(source, indices))
+  dataset = _process_shard(dataset).map(_eval_example).batch(batch_size)
+  for batch in dataset:
+    missing = batch_size - batch["image"].shape[0]
+    if missing:
+      batch = {"image": np.concatenate([batch["image"], np.zeros(
+                   (missing,) + batch["image"].shape[1:], batch["image"].dtype)]),
+               "label": np.concatenate([batch["label"], np.full(
+                   (missing,) + batch["label"].shape[1:], IGNORE, np.int32)])}
+    yield batch
+
+
+def _eval_example(example: dict[str, Any]) -> dict[str, np.ndarray]:
+  return {"image": np.asarray(example["image"]),
+          "label": _label_map(example).astype(np.int32)}

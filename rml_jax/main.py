@@ -1,0 +1,85 @@
+"""Entry point: `python -m rml_jax.main --config=configs/digits.py --workdir=runs/digits`.
+
+--mode=train (default) trains and evaluates, resuming from the workdir's latest checkpoint;
+--mode=eval restores the latest checkpoint and evaluates it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rml_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Keeps the console readable: INFO records from checkpointing internals are dropped."""
+
+  _NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in self._NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  try:
+    config = FLAGS.config
+    config.keys()  # config files load lazily: touch it so a broken one is reported here
+  except OSError as e:
+    _fail("--config: " + str(e).strip().splitlines()[-1].strip())
+  import jax  # after flag parsing, so --help stays fast
+
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
+  from rml_jax import evaluate, train
+
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+      evaluate.evaluate(config, FLAGS.workdir)
+  except UserError as e:
+    _fail(str(e))
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing with one-line errors for bad flags, config files and config overrides."""
+  try:
+    return FLAGS(argv)
+  except UserError as e:  # raised by get_config(arg)
+    _fail(str(e))
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    _fail(f"a --config.* override does not fit the config ({type(e).__name__}: {e}); "
+          f"overrides given: {', '.join(overrides) or 'none'}")
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,40 @@
+"""Model registry: a config names a model, `build_model` returns the Flax module."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from rml_jax.errors import UserError
+from rml_jax.models.deeplabv2 import DeepLabV2
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Each entry: architecture hyperparameters; config.model fields (noise, dtype, ...) are added.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "deeplabv2_resnet101": functools.partial(DeepLabV2, stage_sizes=(3, 4, 23, 3)),
+    "deeplabv2_resnet50": functools.partial(DeepLabV2, stage_sizes=(3, 4, 6, 3)),
+    # CPU-sized DeepLabv2 shape for the embedded digits: one block per stage, width 8, output
+    # stride 8 (layer4 dilated), ASPP rates scaled to an 8x8 feature map.
+    "deeplabv2_tiny": functools.partial(
+        DeepLabV2, stage_sizes=(1, 1, 1, 1), base_width=8, strides=(1, 2, 2, 1),
+        dilations=(1, 1, 1, 2), stem_pool=False, aspp_rates=(1, 2, 3, 4)),
+}
+
+_MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn")
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
+                dtype: str = "float32") -> nn.Module:
+  """Builds the module that `model_config.name` names, with the config's noise settings."""
+  if model_config.name not in MODELS:
+    raise UserError(f"config.model.name: unknown model {model_config.name!r}; "
+                      f"expected one of {sorted(MODELS)}")
+  if dtype not in _DTYPES:
+    raise UserError(f"config.dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+  kwargs = {k: model_config[k] for k in _MODEL_FIELDS if k in model_config}
+  return MODELS[model_config.name](num_classes=num_classes, dtype=_DTYPES[dtype], **kwargs)

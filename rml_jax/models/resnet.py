@@ -1,0 +1,111 @@
+"""ResNet backbones (bottleneck blocks) with torchvision's module names, dilation and model noise.
+
+Module names follow torchvision (`conv1`, `bn1`, `layer3_1.conv2`, `layer1_0.downsample_conv`), so
+a torchvision state dict maps onto the params one to one. 1x1 convolutions are written as a Dense
+over the channel axis (a [1, 1, Cin, Cout] kernel is a [Cin, Cout] matrix): on XLA:CPU the weight
+gradient of a 1x1 convolution is about twenty times slower than the same matmul (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Conv1x1(nn.Module):
+  """A strided 1x1 convolution as slice + Dense. [N, H, W, Cin] -> [N, H/s, W/s, features]."""
+
+  features: int
+  stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.stride > 1:
+      x = x[:, :: self.stride, :: self.stride, :]
+    return nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="kernel_dense")(x)
+
+
+def drop_path(x: jax.Array, survival_prob: float, deterministic: bool, rng: jax.Array | None):
+  """Stochastic depth: zeroes a residual branch per sample with prob 1 - survival_prob.
+
+  x: [N, ...]. Kept branches are scaled by 1 / survival_prob so the expectation is unchanged.
+  """
+  if deterministic or survival_prob >= 1.0:
+    return x
+  keep = jax.random.bernoulli(rng, survival_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / survival_prob, 0.0).astype(x.dtype)
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck (stride on the 3x3 conv). [N, H, W, Cin] -> [N, H/s, W/s, 4 * width]."""
+
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  survival_prob: float = 1.0
+  frozen_bn: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda name: nn.BatchNorm(  # noqa: E731
+        use_running_average=not train or self.frozen_bn, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype, name=name)
+    out = nn.relu(norm("bn1")(Conv1x1(self.width, dtype=self.dtype, name="conv1")(x)))
+    out = nn.Conv(self.width, (3, 3), strides=self.stride, padding=self.dilation,
+                  kernel_dilation=self.dilation, use_bias=False, dtype=self.dtype,
+                  name="conv2")(out)
+    out = nn.relu(norm("bn2")(out))
+    out = norm("bn3")(Conv1x1(self.width * 4, dtype=self.dtype, name="conv3")(out))
+    deterministic = not train or self.survival_prob >= 1.0
+    rng = None if deterministic else self.make_rng("dropout")
+    out = drop_path(out, self.survival_prob, deterministic, rng)
+    if self.downsample:
+      x = norm("downsample_bn")(
+          Conv1x1(self.width * 4, self.stride, dtype=self.dtype, name="downsample_conv")(x))
+    return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+  """Bottleneck ResNet trunk (no pooling, no fc). [N, H, W, 3] -> [N, H/os, W/os, 32 * base_width].
+
+  stage_sizes: blocks per stage, e.g. (3, 4, 23, 3) for ResNet-101.
+  strides / dilations: per stage; DeepLabv2 uses strides (1, 2, 1, 1), dilations (1, 1, 2, 4)
+  for output stride 8.
+  """
+
+  stage_sizes: Sequence[int]
+  base_width: int = 64
+  strides: Sequence[int] = (1, 2, 2, 2)
+  dilations: Sequence[int] = (1, 1, 1, 1)
+  stem_pool: bool = True
+  survival_prob: float = 1.0
+  frozen_bn: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(self.base_width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
+                name="conv1")(x)
+    x = nn.BatchNorm(use_running_average=not train or self.frozen_bn, momentum=0.9,
+                     epsilon=1e-5, dtype=self.dtype, name="bn1")(x)
+    x = nn.relu(x)
+    if self.stem_pool:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    in_features = self.base_width
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      width = self.base_width * 2**stage
+      for block in range(num_blocks):
+        stride = self.strides[stage] if block == 0 else 1
+        x = Bottleneck(
+            width=width, stride=stride, dilation=self.dilations[stage],
+            downsample=block == 0 and (stride != 1 or in_features != width * 4),
+            survival_prob=self.survival_prob, frozen_bn=self.frozen_bn, dtype=self.dtype,
+            name=f"layer{stage + 1}_{block}")(x, train)
+        in_features = width * 4
+    return x

@@ -1,0 +1,122 @@
+"""The train state: one pure pytree holding two learners (student + mean teacher each)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+
+from rml_jax import models, sharding
+from rml_jax.errors import UserError
+
+PyTree = Any
+
+
+@struct.dataclass
+class Learner:
+  """A student, its optimizer state, its mean teacher (EMA) and its class prototypes [K, C]."""
+
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  ema_params: PyTree
+  ema_batch_stats: PyTree
+  prototypes: jax.Array
+
+
+@struct.dataclass
+class RMLState:
+  """step: int32 scalar; rng: the run's base key (per-step keys are folded from step)."""
+
+  step: jax.Array
+  learner_a: Learner
+  learner_b: Learner
+  rng: jax.Array
+  model_a: nn.Module = struct.field(pytree_node=False)
+  model_b: nn.Module = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup, then poly decay (1 - t/T)^power to 0 at config.total_steps (paper: poly)."""
+  opt = config.optimizer
+  decay = optax.polynomial_schedule(
+      opt.learning_rate, 0.0, opt.poly_power, max(config.total_steps - opt.warmup_steps, 1))
+  if opt.warmup_steps <= 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  return optax.join_schedules([warmup, decay], [opt.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """SGD with momentum and decoupled-style L2 weight decay (the paper's solver), or AdamW."""
+  opt = config.optimizer
+  schedule = learning_rate_schedule(config)
+  if opt.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                       optax.sgd(schedule, momentum=opt.momentum, nesterov=False))
+  if opt.name == "adamw":
+    return optax.adamw(schedule, weight_decay=opt.weight_decay)
+  raise UserError(f"config.optimizer.name: expected 'sgd' or 'adamw', got {opt.name!r}")
+
+
+def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, ...]:
+  """Student architectures a and b; config.model_b.name (if set) makes the pair heterogeneous."""
+  model_a = models.build_model(config.model, num_classes, config.dtype)
+  config_b = config.model.copy_and_resolve_references()
+  if config.model_b.name:
+    config_b.name = config.model_b.name
+  model_b = models.build_model(config_b, num_classes, config.dtype)
+  return model_a, model_b
+
+
+def _init_learner(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                  image_shape: tuple[int, ...], num_classes: int) -> Learner:
+  variables = model.init({"params": rng}, jnp.zeros(image_shape, jnp.float32), train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  features = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(image_shape), train=False),
+                            variables)["features"]
+  return Learner(
+      params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+      prototypes=jnp.zeros((num_classes, features.shape[-1]), jnp.float32))
+
+
+def make_init_fn(config: ml_collections.ConfigDict, num_classes: int):
+  """rng -> RMLState. Build it once per run: the state's static fields (models, tx) are this
+  function's, and jit and checkpoint restore compare them by identity."""
+  model_a, model_b = build_models(config, num_classes)
+  tx = make_optimizer(config)
+  image_shape = (1, *config.data.crop_size, 3)
+
+  def init(rng: jax.Array) -> RMLState:
+    # Students a and b get different initial weights (independent keys), as mutual learning needs.
+    rng_a, rng_b, rng_run = jax.random.split(rng, 3)
+    return RMLState(
+        step=jnp.zeros((), jnp.int32),
+        learner_a=_init_learner(model_a, tx, rng_a, image_shape, num_classes),
+        learner_b=_init_learner(model_b, tx, rng_b, image_shape, num_classes),
+        rng=rng_run, model_a=model_a, model_b=model_b, tx=tx)
+
+  return init
+
+
+def abstract_train_state(init_fn, mesh) -> tuple[RMLState, RMLState]:
+  """(abstract state of jax.ShapeDtypeStruct with shardings, shardings): nothing is computed."""
+  shapes = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = sharding.state_shardings(shapes, mesh)
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return abstract, shardings
+
+
+def create_train_state(init_fn, rng: jax.Array, shardings) -> RMLState:
+  """Initialises the state directly into its shardings (no host copy of the weights)."""
+  return jax.jit(init_fn, out_shardings=shardings)(rng)

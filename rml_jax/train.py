@@ -1,0 +1,281 @@
+"""train_and_evaluate(config, workdir): the training loop of two students and two mean teachers,
+with periodic logging, evaluation and checkpointing, resuming and preemption handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+from rml_jax import checkpoint, datasets, evaluate, input_pipeline, sharding, state, step
+from rml_jax.errors import UserError
+
+__all__ = ["train_and_evaluate", "Run", "UserError"]
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir: cannot write to {workdir} ({e.strerror}); expected a writable "
+                    "directory") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup shared by training, evaluation and prediction.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs besides the state itself; built without initialising any weights."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  sources: dict[str, Any]
+  class_names: tuple[str, ...]
+  mesh: Any
+  step_config: step.StepConfig
+  init_fn: Any
+  abstract_state: Any
+  state_shardings: Any
+  train_fn: Any
+  eval_fn: Any
+  predict_fn: Any
+  checkpointer: checkpoint.Checkpointer
+  meta: dict[str, Any]
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if not read_only:
+      _check_writable(workdir)
+    sources = datasets.data_sources(config.data)
+    class_names = datasets.class_names(config.data)
+    num_classes = len(class_names)
+    mesh = sharding.create_mesh(config.mesh)
+    step_config = step.StepConfig.from_config(config, num_classes)
+    init_fn = state.make_init_fn(config, num_classes)
+    abstract_state, shardings = state.abstract_train_state(init_fn, mesh)
+    train_fn, eval_fn, predict_fn = step.jit_steps(step_config, shardings, mesh)
+    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                           read_only=read_only)
+    meta = {"dataset": config.data.name, "num_classes": num_classes,
+            "model_a": config.model.name,
+            "model_b": config.model_b.name or config.model.name, "mode": config.rml.mode}
+    return cls(config, workdir, sources, class_names, mesh, step_config, init_fn,
+               abstract_state, shardings, train_fn, eval_fn, predict_fn, checkpointer, meta)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def evaluate(self, train_state) -> dict[str, Any]:
+    """Per-class IoU and mIoU of the four models on the whole val split."""
+    batches = input_pipeline.eval_batches(self.config, self.sources["val"])
+    matrices = evaluate.run_evaluation(self.eval_fn, train_state, batches, self.mesh)
+    return evaluate.summarize(matrices, self.class_names)
+
+  def split(self) -> tuple[np.ndarray, np.ndarray]:
+    data = self.config.data
+    return datasets.labeled_indices(len(self.sources["train"]), data.labeled_fraction,
+                                    data.split_seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging helpers.
+# ---------------------------------------------------------------------------------------------
+
+_COUNTERS = ("pl_correct_a", "pl_counted_a", "pl_correct_b", "pl_counted_b", "plc_correct_a",
+             "plc_counted_a", "plc_correct_b", "plc_counted_b")
+
+
+def summarize_train_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Means of per-step scalars; pseudo-label accuracies from summed counts."""
+  stacked = {k: np.stack([h[k] for h in history]) for k in history[0]}
+  out = {k: float(v.mean()) for k, v in stacked.items() if k not in _COUNTERS}
+  for prefix, name in (("pl", "pseudo_label_acc"), ("plc", "confident_pseudo_label_acc")):
+    for learner in "ab":
+      if f"{prefix}_counted_{learner}" in stacked:
+        counted = stacked[f"{prefix}_counted_{learner}"].sum()
+        out[f"{name}_{learner}"] = float(stacked[f"{prefix}_correct_{learner}"].sum()
+                                         / max(counted, 1.0))
+  return out
+
+
+class _StopSignal:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some test runners)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:  # second signal: give up immediately
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning("Received signal %d: saving a checkpoint, then stopping.", signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from workdir's latest checkpoint), evaluates, returns the last eval."""
+  run = Run.create(config, workdir)
+  workdir = run.workdir
+  labeled_idx, unlabeled_idx = run.split()
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    with open(os.path.join(workdir, "labeled_ids.txt"), "w") as f:
+      f.write("\n".join(str(i) for i in labeled_idx) + "\n")
+  logging.info("%d labeled and %d unlabeled training images; %d val images.", len(labeled_idx),
+               len(unlabeled_idx), len(run.sources["val"]))
+
+  with_unlabeled = config.rml.mode != "supervised"
+  data_iter = input_pipeline.train_iterator(config, run.sources["train"], labeled_idx,
+                                            unlabeled_idx, with_unlabeled)
+  latest = run.checkpointer.latest_step()
+  if latest is not None:
+    train_state = run.checkpointer.restore(latest, run.abstract_state, run.meta, data_iter)
+    logging.info("Resumed from step %d.", latest)
+  else:
+    train_state = state.create_train_state(run.init_fn, jax.random.key(config.seed),
+                                           run.state_shardings)
+  start_step = int(jax.device_get(train_state.step))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat(config).items()})
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every)
+  schedule = state.learning_rate_schedule(config)
+  summary_images = _summary_inputs(run, unlabeled_idx)
+
+  history: list[dict[str, Any]] = []
+  input_wait = 0.0
+  interval_start = time.perf_counter()
+  results: dict[str, Any] = {}
+  stopped_by = None
+  with _StopSignal() as stop:
+    for current in range(start_step + 1, config.total_steps + 1):
+      fetch_start = time.perf_counter()
+      batch = next(data_iter)
+      input_wait += time.perf_counter() - fetch_start
+      train_state, metrics = run.train_fn(train_state, sharding.to_global(batch, run.mesh))
+      history.append(metrics)
+      report_progress(current)
+
+      if current % config.log_every == 0 or current == config.total_steps:
+        scalars = summarize_train_metrics(jax.device_get(history))
+        elapsed = time.perf_counter() - interval_start
+        scalars.update(learning_rate=float(schedule(current - 1)),
+                       input_wait_fraction=input_wait / max(elapsed, 1e-9))
+        writer.write_scalars(current, scalars)
+        logging.info("step %d/%d: %s", current, config.total_steps,
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+        history, input_wait, interval_start = [], 0.0, time.perf_counter()
+
+      if current % config.eval_every == 0 or current == config.total_steps:
+        with report_progress.timed("eval"):
+          results = _evaluate_and_log(run, train_state, current, writer, summary_images)
+        interval_start = time.perf_counter()
+
+      stopped_by = stop.received
+      if config.max_steps_per_run and current - start_step >= config.max_steps_per_run:
+        stopped_by = stopped_by or "max_steps_per_run"
+      if (current % config.checkpoint_every == 0 or current == config.total_steps
+          or stopped_by is not None):
+        run.checkpointer.save(current, train_state, data_iter, run.meta, force=True)
+      if stopped_by is not None:
+        break
+
+  run.checkpointer.wait()
+  run.checkpointer.close()
+  writer.flush()
+  if stopped_by is not None:
+    logging.warning("Stopped (%s) at step %d; checkpoint saved. Rerun the same command to "
+                    "resume.", stopped_by, current)
+    reason = stopped_by if isinstance(stopped_by, str) else signal.Signals(stopped_by).name
+    print(f"Stopped by {reason} at step {current}; checkpoint saved in "
+          f"{run.checkpointer.directory}. Rerun the same command to resume.", flush=True)
+  elif not results and start_step >= config.total_steps:
+    # Resumed a finished run: report its final evaluation again.
+    results = _evaluate_and_log(run, train_state, start_step, writer, None)
+  return results
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return out
+
+
+def _summary_inputs(run: Run, unlabeled_idx: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+  """One fixed eval-sized batch of val images and one of unlabeled train images."""
+  val = next(input_pipeline.eval_batches(run.config, run.sources["val"]))
+  unlabeled = next(input_pipeline.eval_batches(run.config, run.sources["train"],
+                                                unlabeled_idx[:run.config.eval_batch_size]))
+  return {"val": val, "unlabeled": unlabeled}
+
+
+def _evaluate_and_log(run: Run, train_state, current: int, writer, summary_images) -> dict:
+  results = run.evaluate(train_state)
+  table = evaluate.format_table(results, run.class_names)
+  print(f"Evaluation at step {current}:\n{table}", flush=True)
+  writer.write_scalars(current, {f"miou/{name}": r["miou"] for name, r in results.items()})
+  writer.write_scalars(current, {f"iou/{name}/{c}": v for name, r in results.items()
+                                 for c, v in r["iou"].items() if v is not None})
+  evaluate.write_results(run.workdir, current, results)
+  if summary_images is not None and run.config.num_image_summaries > 0:
+    count = run.config.num_image_summaries
+    k = run.num_classes
+    val = summary_images["val"]
+    probs = jax.device_get(run.predict_fn(train_state, sharding.to_global(val["image"], run.mesh)))
+    writer.write_images(current, {"val/input|gt|teacher_a|teacher_b|student_a|student_b":
+                                  evaluate.image_summary(
+                                      val["image"], [val["label"]] + [
+                                          probs[n].argmax(-1) for n in step.MODEL_NAMES],
+                                      k, count)})
+    unl = summary_images["unlabeled"]
+    probs = jax.device_get(run.predict_fn(train_state, sharding.to_global(unl["image"], run.mesh)))
+    pseudo = [np.where(probs[n].max(-1) >= run.config.rml.threshold, probs[n].argmax(-1),
+                       evaluate.IGNORE) for n in ("teacher_a", "teacher_b")]
+    writer.write_images(current, {"unlabeled/input|gt|pseudo_a|pseudo_b (black = below tau)":
+                                  evaluate.image_summary(unl["image"], [unl["label"]] + pseudo,
+                                                         k, count)})
+  return results
+

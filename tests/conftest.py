@@ -1,0 +1,37 @@
+"""Shared fixtures: the digit_scenes dataset generated once per session, small configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+
+from configs import digits  # noqa: E402
+
+# Runs in one test session compile the same steps: reuse compiled executables across them.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "rml_jax_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+  """A prepared TFDS data dir holding digit_scenes (generated here, about 15 s)."""
+  path = os.environ.get("RML_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+  from rml_jax import datasets
+
+  datasets.get_builder(tiny_config(path).data)
+  return path
+
+
+def tiny_config(data_dir: str, arg: str = ""):
+  """configs/digits.py with the `tiny` preset, reading data from data_dir."""
+  config = digits.get_config("tiny" + ("," + arg if arg else ""))
+  config.data.data_dir = data_dir
+  return config

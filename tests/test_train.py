@@ -1,0 +1,124 @@
+"""End to end: train, evaluate from the checkpoint, resume, checkpoint round trip, bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rml_jax import checkpoint, datasets, evaluate, input_pipeline, sharding, state, step, train
+from rml_jax.errors import UserError
+from tests.conftest import tiny_config
+
+
+def _leaves_equal(a, b) -> bool:
+  """Same leaf paths and bitwise-equal leaves (static fields such as the optax tx are not
+  compared: each run builds its own)."""
+  paths_a, leaves_a = zip(*jax.tree_util.tree_flatten_with_path(a)[0])
+  paths_b, leaves_b = zip(*jax.tree_util.tree_flatten_with_path(b)[0])
+  return paths_a == paths_b and all(
+      np.array_equal(np.asarray(jax.random.key_data(x) if _is_key(x) else x),
+                     np.asarray(jax.random.key_data(y) if _is_key(y) else y))
+      for x, y in zip(leaves_a, leaves_b))
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _restore_final(config, workdir):
+  run = train.Run.create(config, workdir, read_only=True)
+  ckpt = run.checkpointer
+  return ckpt.restore(ckpt.latest_step(), run.abstract_state, run.meta)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """One uninterrupted 4-step run: (config, workdir, results)."""
+  config = tiny_config(data_dir)
+  workdir = str(tmp_path_factory.mktemp("run_full"))
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_end_to_end_run_writes_checkpoints_logs_and_results(trained):
+  config, workdir, results = trained
+  assert set(results) == set(step.MODEL_NAMES)
+  for r in results.values():
+    assert 0.0 <= r["miou"] <= 1.0 and len(r["iou"]) == 11
+  saved = json.load(open(os.path.join(workdir, "eval", "step_4.json")))
+  assert saved["results"] == json.loads(json.dumps(results))
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert len(open(os.path.join(workdir, "labeled_ids.txt")).read().split()) == 128
+  final = _restore_final(config, workdir)
+  assert int(final.step) == config.total_steps
+  # The students moved, and each teacher is an EMA between its initial and current student.
+  assert not _leaves_equal(final.learner_a.params, final.learner_b.params)
+
+
+def test_eval_mode_reproduces_the_training_time_miou(trained):
+  config, workdir, results = trained
+  again = evaluate.evaluate(config, workdir)
+  assert again == results
+
+
+def test_interrupted_run_resumes_to_the_same_state(trained, data_dir, tmp_path):
+  config, workdir, _ = trained
+  reference = _restore_final(config, workdir)
+  paused = tiny_config(data_dir, "max_steps_per_run=3")
+  resumed_dir = str(tmp_path / "resumed")
+  train.train_and_evaluate(paused, resumed_dir)  # stops after step 3 with a checkpoint
+  assert checkpoint.Checkpointer(resumed_dir).latest_step() == 3
+  train.train_and_evaluate(paused, resumed_dir)  # resumes at 3 and finishes step 4
+  assert _leaves_equal(_restore_final(config, resumed_dir), reference)
+
+
+def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  run = train.Run.create(config, str(tmp_path))
+  original = state.create_train_state(run.init_fn, jax.random.key(3), run.state_shardings)
+  batch = {"labeled": {"image": np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3),
+                                                                  dtype=np.uint8),
+                       "label": np.zeros((2, 64, 64), np.int32)},
+           "unlabeled": {"weak": np.zeros((2, 64, 64, 3), np.uint8),
+                         "strong": np.zeros((2, 64, 64, 3), np.uint8),
+                         "valid": np.ones((2, 64, 64), bool),
+                         "label": np.full((2, 64, 64), 255, np.int32)}}
+  original, _ = run.train_fn(original, sharding.to_global(batch, run.mesh))
+  expected = jax.device_get(original)
+  labeled, unlabeled = datasets.labeled_indices(len(run.sources["train"]), 1 / 16, 0)
+  iterator = input_pipeline.train_iterator(config, run.sources["train"], labeled, unlabeled, True)
+  next(iterator)
+  run.checkpointer.save(1, original, iterator, run.meta)
+  run.checkpointer.wait()
+  restored = run.checkpointer.restore(1, run.abstract_state, run.meta)
+  assert _leaves_equal(jax.device_get(restored), expected)
+  assert restored.model_a is run.abstract_state.model_a
+  assert restored.learner_a.params["head"]["branch0"]["kernel"].sharding == \
+      run.state_shardings.learner_a.params["head"]["branch0"]["kernel"]
+
+
+@pytest.mark.parametrize("override,key", [("model.name='deeplabv2_resnet50'", "model_a"),
+                                          ("mode=supervised", "mode")])
+def test_incompatible_checkpoint_is_one_clear_error(trained, data_dir, override, key):
+  _, workdir, _ = trained
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(tiny_config(data_dir, override), workdir)
+  message = str(error.value)
+  assert "\n" not in message and key in message and "checkpoint" in message
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing lost
+
+
+def test_missing_dataset_and_unwritable_workdir_are_one_line_errors(tmp_path, data_dir):
+  config = tiny_config(str(tmp_path / "no_such_dir"), "data.prepare=False")
+  with pytest.raises(UserError, match="not prepared under .*no_such_dir"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(UserError, match="cannot write to .*a_file"):
+    train.train_and_evaluate(tiny_config(data_dir), str(blocker / "sub"))
