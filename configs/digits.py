@@ -57,7 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mode="iml",  # supervised | iml
       threshold=0.9,  # tau in eq. 2
       unsup_weight=0.5,  # lambda on the two teachers' terms of eq. 5
+      unsup_rampup_steps=0,  # > 0: sigmoid ramp-up of lambda over these steps (mean teacher)
       ema_decay=0.99,
+      bn_stats="joint",  # joint: students normalise concat(labeled, strong); labeled: 2 passes
       stages=1,
   ))
   config.labeled_batch_size = 8

@@ -12,6 +12,7 @@ iterator state checkpoints both.
 from __future__ import annotations
 
 import functools
+import signal
 from typing import Any, Iterator
 
 import grain
@@ -119,6 +120,13 @@ class _Subset:
     return self._source[int(self._indices[index])]
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """Workers leave SIGINT / SIGTERM to the main process, which checkpoints before exiting."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_iterator(config: ml_collections.ConfigDict, source, labeled_idx: np.ndarray,
                    unlabeled_idx: np.ndarray, with_unlabeled: bool) -> grain.DatasetIterator:
   """Iterator over train batches, prepared in config.data.worker_count worker processes."""
@@ -126,7 +134,8 @@ def train_iterator(config: ml_collections.ConfigDict, source, labeled_idx: np.nd
   dataset = train_dataset(config, source, labeled_idx, unlabeled_idx, with_unlabeled)
   if config.data.worker_count > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.data.worker_count, per_worker_buffer_size=config.data.prefetch))
+        num_workers=config.data.worker_count, per_worker_buffer_size=config.data.prefetch),
+        worker_init_fn=_ignore_stop_signals)
   return iter(dataset)
 
 

@@ -32,7 +32,9 @@ class StepConfig:
   num_classes: int
   threshold: float
   unsup_weight: float
+  unsup_rampup_steps: int
   ema_decay: float
+  bn_stats: str
   cutmix_prob: float
   cutmix_area: tuple[float, float]
   mean: tuple[float, float, float]
@@ -43,8 +45,13 @@ class StepConfig:
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "StepConfig":
     if config.rml.mode not in MODES:
       raise UserError(f"config.rml.mode: expected one of {MODES}, got {config.rml.mode!r}")
+    if config.rml.bn_stats not in ("joint", "labeled"):
+      raise UserError("config.rml.bn_stats: expected 'joint' or 'labeled', got "
+                      f"{config.rml.bn_stats!r}")
     return cls(mode=config.rml.mode, num_classes=num_classes, threshold=config.rml.threshold,
-               unsup_weight=config.rml.unsup_weight, ema_decay=config.rml.ema_decay,
+               unsup_weight=config.rml.unsup_weight,
+               unsup_rampup_steps=config.rml.unsup_rampup_steps, ema_decay=config.rml.ema_decay,
+               bn_stats=config.rml.bn_stats,
                cutmix_prob=config.augment.cutmix_prob,
                cutmix_area=tuple(config.augment.cutmix_area),
                mean=tuple(config.data.mean), std=tuple(config.data.std))
@@ -68,6 +75,14 @@ def pseudo_labels(logits: jax.Array, threshold: float) -> tuple[jax.Array, ...]:
   return probs, jnp.argmax(probs, -1).astype(jnp.int32), jnp.max(probs, -1) >= threshold
 
 
+def unsup_weight_at(step: jax.Array, weight: float, rampup_steps: int) -> jax.Array:
+  """Sigmoid-shaped ramp-up of the unsupervised weight: weight * exp(-5 (1 - t / T)^2), t < T."""
+  if rampup_steps <= 0:
+    return jnp.asarray(weight, jnp.float32)
+  progress = jnp.clip(step.astype(jnp.float32) / rampup_steps, 0.0, 1.0)
+  return weight * jnp.exp(-5.0 * (1.0 - progress) ** 2)
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   """Mean-teacher EMA decay with warm-up: min(decay, (t + 1) / (t + 10))."""
   step = step.astype(jnp.float32)
@@ -79,10 +94,21 @@ def _update_learner(learner: Learner, model, tx, inputs: jax.Array, rng: jax.Arr
   """One student update (grad, optimizer) and its teacher's EMA (eq. 4's mean teacher)."""
 
   def objective(params):
-    outputs, mutated = model.apply(
-        {"params": params, "batch_stats": learner.batch_stats}, inputs, train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, aux = loss_fn(outputs["logits"])
+    variables = {"params": params, "batch_stats": learner.batch_stats}
+    if isinstance(inputs, tuple):
+      # Separate passes: running BN statistics come from the labeled (weak) pass alone, so
+      # teachers and eval normalise with statistics of clean images, not of strong views.
+      outputs, mutated = model.apply(variables, inputs[0], train=True, rngs={"dropout": rng},
+                                     mutable=["batch_stats"])
+      unlabeled_outputs, _ = model.apply(variables, inputs[1], train=True,
+                                         rngs={"dropout": jax.random.fold_in(rng, 1)},
+                                         mutable=["batch_stats"])
+      logits = jnp.concatenate([outputs["logits"], unlabeled_outputs["logits"]], axis=0)
+    else:
+      outputs, mutated = model.apply(variables, inputs, train=True, rngs={"dropout": rng},
+                                     mutable=["batch_stats"])
+      logits = outputs["logits"]
+    loss, aux = loss_fn(logits)
     return loss, (mutated["batch_stats"], aux)
 
   (loss, (batch_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(learner.params)
@@ -133,7 +159,8 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
     box = augment.cutmix_box_masks(cutmix_rng, n, h, w, cfg.cutmix_prob, cfg.cutmix_area)
     strong, labels_a, valid_a, labels_b, valid_b = augment.cutmix(
         box, strong, labels_a, valid_a, labels_b, valid_b)
-    inputs = jnp.concatenate([labeled_images, strong], axis=0)
+    inputs = ((labeled_images, strong) if cfg.bn_stats == "labeled"
+              else jnp.concatenate([labeled_images, strong], axis=0))
     unsup_targets = (labels_a, labels_b, valid_a, valid_b)
 
   def loss_fn(logits: jax.Array):
@@ -141,7 +168,9 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
     if unsup_targets is None:
       return sup, {"sup_loss": sup}
     unsup = losses.student_mutual_loss(logits[num_labeled:], *unsup_targets)  # eq. 5
-    return sup + cfg.unsup_weight * unsup, {"sup_loss": sup, "unsup_loss": unsup}
+    return sup + unsup_weight * unsup, {"sup_loss": sup, "unsup_loss": unsup}
+
+  unsup_weight = unsup_weight_at(state.step, cfg.unsup_weight, cfg.unsup_rampup_steps)
 
   decay = ema_decay_at(state.step, cfg.ema_decay)
   learner_a, metrics_a = _update_learner(state.learner_a, state.model_a, state.tx, inputs, rng_a,

@@ -1,6 +1,6 @@
 """digit_scenes: the embedded default dataset, generated offline from real handwritten digits.
 
-Each example is a 64x64 RGB scene holding one to three handwritten digits (the 8x8 scans of the
+Each example is a 64x64 RGB scene holding two to four handwritten digits (the 8x8 scans of the
 UCI optical-digits set that scikit-learn ships, enlarged) pasted on a cluttered background of
 smooth colour gradients, strokes and blobs. Labels: 0 = background, 1 + d = digit d (11 classes).
 Train and val scenes use disjoint digit scans. Every train scene keeps its ground truth, so the
@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 NUM_CLASSES = 11
 CLASS_NAMES = ("background",) + tuple(f"digit_{d}" for d in range(10))
 IMAGE_SIZE = 64
-SPLIT_SIZES = {"train": 2048, "val": 512}
+SPLIT_SIZES = {"train": 4096, "val": 512}
 _SPLIT_SEEDS = {"train": 0, "val": 1}
 
 
@@ -74,9 +74,9 @@ def make_scene(rng: np.random.Generator, scans: np.ndarray, values: np.ndarray,
   """One scene: image [size, size, 3] uint8 and label [size, size] uint8 in [0, 11)."""
   image = _background(rng, size)
   label = np.zeros((size, size), np.uint8)
-  for _ in range(rng.integers(1, 4)):
+  for _ in range(rng.integers(2, 5)):
     index = rng.integers(len(scans))
-    side = int(rng.integers(int(size * 0.4), int(size * 0.6) + 1))
+    side = int(rng.integers(int(size * 0.35), int(size * 0.55) + 1))
     alpha = np.clip((_resize_bilinear(scans[index], side) - 0.25) * 2.5, 0, 1)
     for _ in range(10):  # prefer places that leave earlier digits mostly visible
       top, left = rng.integers(0, size - side + 1, 2)
@@ -99,8 +99,8 @@ def make_scene(rng: np.random.Generator, scans: np.ndarray, values: np.ndarray,
 class DigitScenes(tfds.core.GeneratorBasedBuilder):
   """Scenes of real handwritten digits on clutter, with per-pixel labels (11 classes)."""
 
-  VERSION = tfds.core.Version("1.2.0")
-  RELEASE_NOTES = {"1.2.0": "Large digits with luminance contrast on clutter."}
+  VERSION = tfds.core.Version("1.3.0")
+  RELEASE_NOTES = {"1.3.0": "4096 train scenes of 2-4 digits with luminance contrast."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -40,6 +40,12 @@ def drop_path(x: jax.Array, survival_prob: float, deterministic: bool, rng: jax.
   return jnp.where(keep, x / survival_prob, 0.0).astype(x.dtype)
 
 
+def batch_norm(name: str, train: bool, frozen: bool, dtype: jnp.dtype) -> nn.BatchNorm:
+  """torchvision's BatchNorm2d defaults (momentum 0.1 = flax 0.9, eps 1e-5); frozen = eval."""
+  return nn.BatchNorm(use_running_average=not train or frozen, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, name=name)
+
+
 class Bottleneck(nn.Module):
   """torchvision Bottleneck (stride on the 3x3 conv). [N, H, W, Cin] -> [N, H/s, W/s, 4 * width]."""
 
@@ -53,9 +59,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    norm = lambda name: nn.BatchNorm(  # noqa: E731
-        use_running_average=not train or self.frozen_bn, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, name=name)
+    norm = lambda name: batch_norm(name, train, self.frozen_bn, self.dtype)  # noqa: E731
     out = nn.relu(norm("bn1")(Conv1x1(self.width, dtype=self.dtype, name="conv1")(x)))
     out = nn.Conv(self.width, (3, 3), strides=self.stride, padding=self.dilation,
                   kernel_dilation=self.dilation, use_bias=False, dtype=self.dtype,
@@ -92,9 +96,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Conv(self.base_width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                 name="conv1")(x)
-    x = nn.BatchNorm(use_running_average=not train or self.frozen_bn, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype, name="bn1")(x)
-    x = nn.relu(x)
+    x = nn.relu(batch_norm("bn1", train, self.frozen_bn, self.dtype)(x))
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_features = self.base_width

@@ -1,0 +1,60 @@
+"""The train step's pieces against direct references: pseudo labels, EMA teachers, ramp-up."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rml_jax import sharding, state, step, train
+from tests.conftest import tiny_config
+
+
+def test_pseudo_labels_threshold_the_teacher_confidence():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 5)) * 3, jnp.float32)
+  probs, labels, valid = step.pseudo_labels(logits, 0.8)
+  expected_probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(probs, expected_probs, rtol=1e-5)
+  np.testing.assert_array_equal(labels, expected_probs.argmax(-1))
+  np.testing.assert_array_equal(valid, expected_probs.max(-1) >= 0.8)
+
+
+def test_unsup_weight_ramp_and_ema_decay_warmup():
+  steps = jnp.asarray([0, 50, 100, 200])
+  np.testing.assert_allclose(step.unsup_weight_at(steps, 0.5, 100),
+                             0.5 * np.exp(-5 * (1 - np.clip([0, 0.5, 1, 2], 0, 1)) ** 2),
+                             rtol=1e-6)
+  np.testing.assert_allclose(step.unsup_weight_at(steps, 0.5, 0), 0.5)
+  np.testing.assert_allclose(step.ema_decay_at(steps, 0.99),
+                             np.minimum(0.99, (np.asarray([0, 50, 100, 200]) + 1) / (
+                                 np.asarray([0, 50, 100, 200]) + 10)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bn_stats", ["joint", "labeled"])
+def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path, bn_stats):
+  config = tiny_config(data_dir, f"rml.bn_stats={bn_stats}")
+  run = train.Run.create(config, str(tmp_path))
+  initial = jax.device_get(
+      state.create_train_state(run.init_fn, jax.random.key(0), run.state_shardings))
+  rng = np.random.default_rng(0)
+  batch = {"labeled": {"image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+                       "label": rng.integers(0, 11, (2, 64, 64)).astype(np.int32)},
+           "unlabeled": {"weak": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+                         "strong": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+                         "valid": np.ones((2, 64, 64), bool),
+                         "label": np.full((2, 64, 64), 255, np.int32)}}
+  placed = jax.device_put(initial, run.state_shardings)
+  updated, metrics = run.train_fn(placed, sharding.to_global(batch, run.mesh))
+  updated = jax.device_get(updated)
+  assert int(updated.step) == 1
+  decay = min(config.rml.ema_decay, 1 / 10)  # warm-up value at step 0
+  for name in ("learner_a", "learner_b"):
+    before, after = getattr(initial, name), getattr(updated, name)
+    for teacher, old_teacher, student in zip(jax.tree.leaves(after.ema_params),
+                                             jax.tree.leaves(before.ema_params),
+                                             jax.tree.leaves(after.params)):
+      np.testing.assert_allclose(teacher, decay * old_teacher + (1 - decay) * student,
+                                 rtol=1e-5, atol=1e-6)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before.params),
+                                                         jax.tree.leaves(after.params)))
+  for key in ("loss_a", "loss_b", "sup_loss_a", "unsup_loss_a", "teacher_tv"):
+    assert np.isfinite(float(metrics[key]))
