@@ -53,7 +53,8 @@ def test_end_to_end_run_writes_checkpoints_logs_and_results(trained):
   saved = json.load(open(os.path.join(workdir, "eval", "step_4.json")))
   assert saved["results"] == json.loads(json.dumps(results))
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-  assert len(open(os.path.join(workdir, "labeled_ids.txt")).read().split()) == 128
+  labeled_ids = open(os.path.join(workdir, "labeled_ids.txt")).read().split()
+  assert len(labeled_ids) == round(4096 * config.data.labeled_fraction)
   final = _restore_final(config, workdir)
   assert int(final.step) == config.total_steps
   # The students moved, and each teacher is an EMA between its initial and current student.
