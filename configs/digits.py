@@ -20,10 +20,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       name="digit_scenes",
       data_dir="",  # "" = TFDS default (~/tensorflow_datasets)
-      prepare=True,  # generate the dataset when it is not there yet (about 15 s)
+      prepare=True,  # generate the dataset when it is not there yet (about 40 s)
       train_split="train",
       val_split="val",
-      labeled_fraction=1 / 16,  # 128 labeled scenes, 1920 unlabeled
+      labeled_fraction=1 / 16,  # 256 labeled scenes, 3840 unlabeled
       split_seed=0,
       crop_size=(64, 64),
       scale_range=(0.75, 1.5),
