@@ -99,15 +99,19 @@ def make_scene(rng: np.random.Generator, scans: np.ndarray, values: np.ndarray,
 class DigitScenes(tfds.core.GeneratorBasedBuilder):
   """Scenes of real handwritten digits on clutter, with per-pixel labels (11 classes)."""
 
-  VERSION = tfds.core.Version("1.3.0")
-  RELEASE_NOTES = {"1.3.0": "4096 train scenes of 2-4 digits with luminance contrast."}
+  VERSION = tfds.core.Version("1.4.0")
+  RELEASE_NOTES = {"1.3.0": "4096 train scenes of 2-4 digits with luminance contrast.",
+                   "1.4.0": "Images and labels stored as zlib-compressed arrays."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             "image_id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            "label": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
+            # Raw zlib-compressed arrays: no PNG encoding when generating, no decoding when read.
+            "image": tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8,
+                                          encoding=tfds.features.Encoding.ZLIB),
+            "label": tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8,
+                                          encoding=tfds.features.Encoding.ZLIB),
         }),
         supervised_keys=("image", "label"),
         description=__doc__,
@@ -123,4 +127,4 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
     for i in range(SPLIT_SIZES[split]):
       image, label = make_scene(rng, scans, values)
       image_id = f"{split}_{i:05d}"
-      yield image_id, {"image_id": image_id, "image": image, "label": label[..., None]}
+      yield image_id, {"image_id": image_id, "image": image, "label": label}
