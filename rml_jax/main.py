@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -22,13 +23,13 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.logging.Filter):
+class _QuietLibraries(std_logging.Filter):
   """Keeps the console readable: INFO records from checkpointing internals are dropped."""
 
   _NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or not any(
+    return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in self._NOISY)
 
 

@@ -221,6 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   run.checkpointer.wait()
   run.checkpointer.close()
+  if hasattr(data_iter, "close"):
+    data_iter.close()  # stops grain worker processes and frees their shared memory
   writer.flush()
   if stopped_by is not None:
     logging.warning("Stopped (%s) at step %d; checkpoint saved. Rerun the same command to "
