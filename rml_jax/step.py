@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rml_jax import augment, losses
+from rml_jax import augment, losses, sharding
 from rml_jax import metrics as metrics_lib
 from rml_jax.errors import UserError
 from rml_jax.state import Learner, RMLState
@@ -210,8 +210,6 @@ def eval_step(state: RMLState, batch: dict[str, jax.Array], *, cfg: StepConfig
 
 def jit_steps(cfg: StepConfig, state_shardings, mesh):
   """The three steps jitted once with explicit shardings; the train state is donated."""
-  from rml_jax import sharding  # local: sharding has no dependency on steps
-
   data = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   train = jax.jit(functools.partial(train_step, cfg=cfg), in_shardings=(state_shardings, data),
