@@ -57,5 +57,15 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
                                  rtol=1e-5, atol=1e-6)
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before.params),
                                                          jax.tree.leaves(after.params)))
+  # Running BN statistics: with bn_stats='labeled' they are exactly those of a train-mode pass
+  # over the labeled images alone; with 'joint' the strong views change them.
+  before = jax.device_get(initial.learner_a)
+  _, labeled_only = run.abstract_state.model_a.apply(
+      {"params": before.params, "batch_stats": before.batch_stats},
+      step.normalize(jnp.asarray(batch["labeled"]["image"]), run.step_config), train=True,
+      mutable=["batch_stats"])
+  same = all(np.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(
+      jax.tree.leaves(labeled_only["batch_stats"]), jax.tree.leaves(updated.learner_a.batch_stats)))
+  assert same == (bn_stats == "labeled")
   for key in ("loss_a", "loss_b", "sup_loss_a", "unsup_loss_a", "teacher_tv"):
     assert np.isfinite(float(metrics[key]))
