@@ -54,14 +54,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw", learning_rate=0.003, momentum=0.9, weight_decay=1e-4, poly_power=0.9,
       warmup_steps=50))
   config.rml = ml_collections.ConfigDict(dict(
-      mode="iml",  # supervised | iml
+      mode="iml",  # supervised | mean_teacher | direct | iml | rml (the paper's ladder)
       threshold=0.9,  # tau in eq. 2
       unsup_weight=0.5,  # lambda on the two teachers' terms of eq. 5
       unsup_rampup_steps=0,  # > 0: sigmoid ramp-up of lambda over these steps (mean teacher)
       ema_decay=0.99,
       bn_stats="joint",  # joint: students normalise concat(labeled, strong); labeled: 2 passes
-      stages=1,
+      stages=1,  # > 1: stage-wise training (paper: 2); each stage runs total_steps
+      stage_restart="init",  # at a new stage students restart from: init | continue
+      soft_label_top_k=3,  # stored soft labels keep each pixel's k most likely classes
+      # Self-rectification (rml mode, section 4.2). The paper's momentum 0.9999 suits 90k
+      # steps; over this 1000-step schedule prototypes must follow the features faster.
+      prototype_momentum=0.99,
+      prototype_temperature=1.0,  # eq. 9: softmax(-distance / temperature)
+      rectify_start_step=0,  # rectify once every class has a prototype and from this step on
   ))
+  config.max_skipped_steps = 20  # stop when this many steps in a row are non-finite (0 = never)
   config.labeled_batch_size = 8
   config.unlabeled_batch_size = 8
   config.eval_batch_size = 64

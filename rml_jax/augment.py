@@ -15,8 +15,14 @@ from PIL import Image
 
 
 def _resize(array: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
-  """PIL resize of a [H, W] or [H, W, 3] uint8 array (bilinear, or nearest for label maps)."""
+  """PIL resize of a [H, W] or [H, W, 3] uint8 array (bilinear, or nearest for label maps).
+
+  Nearest-neighbour maps may have any number of channels ([H, W, C], resized channel by channel).
+  """
   resample = Image.NEAREST if nearest else Image.BILINEAR
+  if nearest and array.ndim == 3:
+    return np.stack([_resize(array[..., c], height, width, True)
+                     for c in range(array.shape[-1])], axis=-1)
   return np.asarray(Image.fromarray(array).resize((width, height), resample))
 
 
@@ -25,8 +31,9 @@ def weak_geometry(rng: np.random.Generator, image: np.ndarray, maps: dict[str, n
                   pad_values: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Random scale, pad, random crop to crop_size and horizontal flip, shared by all inputs.
 
-  image: [H, W, 3] uint8; maps: name -> [H, W] uint8 (labels, valid-pixel masks), resized with
-  nearest neighbour and padded with pad_values[name]. Returns ([h, w, 3] uint8, maps [h, w]).
+  image: [H, W, 3] uint8; maps: name -> [H, W] or [H, W, C] uint8 (labels, valid-pixel masks,
+  stored soft labels), resized with nearest neighbour and padded with pad_values[name].
+  Returns ([h, w, 3] uint8, maps [h, w] or [h, w, C]).
   """
   crop_h, crop_w = crop_size
   scale = rng.uniform(*scale_range)
@@ -37,7 +44,8 @@ def weak_geometry(rng: np.random.Generator, image: np.ndarray, maps: dict[str, n
   pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
   if pad_h or pad_w:
     image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-    maps = {k: np.pad(v, ((0, pad_h), (0, pad_w)), constant_values=pad_values[k])
+    maps = {k: np.pad(v, ((0, pad_h), (0, pad_w)) + ((0, 0),) * (v.ndim - 2),
+                      constant_values=pad_values[k])
             for k, v in maps.items()}
   top = int(rng.integers(0, image.shape[0] - crop_h + 1))
   left = int(rng.integers(0, image.shape[1] - crop_w + 1))

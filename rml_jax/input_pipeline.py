@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from rml_jax import augment
+from rml_jax import augment, soft_labels
 from rml_jax.errors import UserError
 
 IGNORE = 255
@@ -54,11 +54,18 @@ def unlabeled_example(example: dict[str, Any], rng: np.random.Generator, *, crop
   maps = {"valid": np.ones(image.shape[:2], np.uint8)}
   maps["label"] = (_label_map(example) if "label" in example
                    else np.full(image.shape[:2], IGNORE, np.uint8))
+  pad_values = {"valid": 0, "label": IGNORE}
+  if "soft_classes" in example:  # a later stage: the stored labels share the view's geometry
+    maps["soft_classes"], maps["soft_probs"] = example["soft_classes"], example["soft_probs"]
+    pad_values.update(soft_classes=0, soft_probs=0)
   weak, maps = augment.weak_geometry(rng, image, maps, tuple(crop_size), tuple(scale_range),
-                                     flip, {"valid": 0, "label": IGNORE})
+                                     flip, pad_values)
   strong = augment.rand_augment(rng, weak, num_ops, tuple(magnitude_range), tuple(ops))
-  return {"weak": weak, "strong": strong, "valid": maps["valid"].astype(bool),
-          "label": maps["label"].astype(np.int32)}
+  out = {"weak": weak, "strong": strong, "valid": maps["valid"].astype(bool),
+         "label": maps["label"].astype(np.int32)}
+  if "soft_classes" in maps:
+    out.update(soft_classes=maps["soft_classes"], soft_probs=maps["soft_probs"])
+  return out
 
 
 def _process_shard(dataset: grain.MapDataset) -> grain.MapDataset:
@@ -73,8 +80,13 @@ def _per_process(global_batch: int, key: str) -> int:
 
 
 def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.ndarray,
-                  unlabeled_idx: np.ndarray, with_unlabeled: bool) -> grain.IterDataset:
-  """The infinite train stream: reshuffled every epoch, deterministic for config.seed."""
+                  unlabeled_idx: np.ndarray, with_unlabeled: bool,
+                  stored_labels: str | None = None) -> grain.IterDataset:
+  """The infinite train stream: reshuffled every epoch, deterministic for config.seed.
+
+  stored_labels: a stage's soft-label folder (soft_labels.py); its rows follow unlabeled_idx and
+  come with each unlabeled view as 'soft_classes' / 'soft_probs' [h, w, 2k] uint8.
+  """
   data = config.data
   labeled = _process_shard(grain.MapDataset.source(_Subset(source, labeled_idx)))
   labeled = (labeled.shuffle(seed=config.seed).repeat(None)
@@ -86,7 +98,10 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
   streams = {"labeled": labeled}
   if with_unlabeled:
     strong = config.augment
-    unlabeled = _process_shard(grain.MapDataset.source(_Subset(source, unlabeled_idx)))
+    unlabeled_source = _Subset(source, unlabeled_idx)
+    if stored_labels is not None:
+      unlabeled_source = _WithStoredLabels(unlabeled_source, stored_labels)
+    unlabeled = _process_shard(grain.MapDataset.source(unlabeled_source))
     unlabeled = (unlabeled.shuffle(seed=config.seed + 1).repeat(None)
                  .random_map(functools.partial(
                      unlabeled_example, crop_size=data.crop_size, scale_range=data.scale_range,
@@ -120,6 +135,22 @@ class _Subset:
     return self._source[int(self._indices[index])]
 
 
+class _WithStoredLabels:
+  """Adds row i of a stage's stored soft labels to example i of `source`."""
+
+  def __init__(self, source, directory: str):
+    self._source = source
+    self._stored = soft_labels.StoredLabels(directory)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    example = dict(self._source[index])
+    example["soft_classes"], example["soft_probs"] = self._stored[index]
+    return example
+
+
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
   """Workers leave SIGINT / SIGTERM to the main process, which checkpoints before exiting."""
   del worker_index, worker_count
@@ -128,10 +159,12 @@ def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
 
 
 def train_iterator(config: ml_collections.ConfigDict, source, labeled_idx: np.ndarray,
-                   unlabeled_idx: np.ndarray, with_unlabeled: bool) -> grain.DatasetIterator:
+                   unlabeled_idx: np.ndarray, with_unlabeled: bool,
+                   stored_labels: str | None = None) -> grain.DatasetIterator:
   """Iterator over train batches, prepared in config.data.worker_count worker processes."""
   _ensure_flags_parsed()
-  dataset = train_dataset(config, source, labeled_idx, unlabeled_idx, with_unlabeled)
+  dataset = train_dataset(config, source, labeled_idx, unlabeled_idx, with_unlabeled,
+                          stored_labels)
   if config.data.worker_count > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.data.worker_count, per_worker_buffer_size=config.data.prefetch),

@@ -19,7 +19,12 @@ PyTree = Any
 
 @struct.dataclass
 class Learner:
-  """A student, its optimizer state, its mean teacher (EMA) and its class prototypes [K, C]."""
+  """A student, its optimizer state, its mean teacher (EMA) and the teacher's class prototypes.
+
+  prototypes: [K, C] float32 class centres in the teacher's feature space (eq. 11);
+  prototypes_seen: [K] bool, whether row k holds a real mean yet (set from the first batch that
+  contains class k, so unset zero rows never enter eq. 9).
+  """
 
   params: PyTree
   batch_stats: PyTree
@@ -27,6 +32,7 @@ class Learner:
   ema_params: PyTree
   ema_batch_stats: PyTree
   prototypes: jax.Array
+  prototypes_seen: jax.Array
 
 
 @struct.dataclass
@@ -86,7 +92,8 @@ def _init_learner(model: nn.Module, tx: optax.GradientTransformation, rng: jax.A
       params=params, batch_stats=batch_stats, opt_state=tx.init(params),
       ema_params=jax.tree.map(jnp.copy, params),
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-      prototypes=jnp.zeros((num_classes, features.shape[-1]), jnp.float32))
+      prototypes=jnp.zeros((num_classes, features.shape[-1]), jnp.float32),
+      prototypes_seen=jnp.zeros((num_classes,), jnp.bool_))
 
 
 def make_init_fn(config: ml_collections.ConfigDict, num_classes: int):

@@ -15,7 +15,16 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from rml_jax import checkpoint, datasets, evaluate, input_pipeline, sharding, state, step
+from rml_jax import (
+  checkpoint,
+  datasets,
+  evaluate,
+  input_pipeline,
+  sharding,
+  soft_labels,
+  state,
+  step,
+)
 from rml_jax.errors import UserError
 
 __all__ = ["train_and_evaluate", "Run", "UserError"]
@@ -88,6 +97,13 @@ class Run:
     matrices = evaluate.run_evaluation(self.eval_fn, train_state, batches, self.mesh)
     return evaluate.summarize(matrices, self.class_names)
 
+  def stage_train_fn(self, stage: int):
+    """The jitted train step of a stage (stages after the first read stored soft labels)."""
+    if stage == 0:
+      return self.train_fn
+    cfg = dataclasses.replace(self.step_config, stored_labels=True)
+    return step.jit_steps(cfg, self.state_shardings, self.mesh)[0]
+
   def split(self) -> tuple[np.ndarray, np.ndarray]:
     data = self.config.data
     return datasets.labeled_indices(len(self.sources["train"]), data.labeled_fraction,
@@ -98,21 +114,35 @@ class Run:
 # Logging helpers.
 # ---------------------------------------------------------------------------------------------
 
-_COUNTERS = ("pl_correct_a", "pl_counted_a", "pl_correct_b", "pl_counted_b", "plc_correct_a",
-             "plc_counted_a", "plc_correct_b", "plc_counted_b")
-
-
 def summarize_train_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Means of per-step scalars; pseudo-label accuracies from summed counts."""
+  """Means of per-step scalars; pseudo-label accuracies from summed counts.
+
+  Count pairs `pl_correct_X` / `pl_counted_X` (all in-image pixels) and `plc_...` (confident
+  pixels only) become `pseudo_label_acc_X` and `confident_pseudo_label_acc_X`.
+  """
   stacked = {k: np.stack([h[k] for h in history]) for k in history[0]}
-  out = {k: float(v.mean()) for k, v in stacked.items() if k not in _COUNTERS}
+  counters = [k for k in stacked if k.startswith(("pl_correct_", "pl_counted_", "plc_correct_",
+                                                   "plc_counted_"))]
+  out = {k: float(v.mean()) for k, v in stacked.items() if k not in counters}
   for prefix, name in (("pl", "pseudo_label_acc"), ("plc", "confident_pseudo_label_acc")):
-    for learner in "ab":
-      if f"{prefix}_counted_{learner}" in stacked:
-        counted = stacked[f"{prefix}_counted_{learner}"].sum()
+    for key in counters:
+      if key.startswith(f"{prefix}_counted_"):
+        learner = key[len(f"{prefix}_counted_"):]
         out[f"{name}_{learner}"] = float(stacked[f"{prefix}_correct_{learner}"].sum()
-                                         / max(counted, 1.0))
+                                         / max(stacked[key].sum(), 1.0))
   return out
+
+
+def trailing_skips(history: list[dict[str, np.ndarray]], carried: int) -> int:
+  """Steps in a row, ending at the last one, whose update was skipped (non-finite) by a learner.
+
+  carried: the same count at the end of the previous interval.
+  """
+  count = carried
+  for metrics in history:
+    skipped = any(float(v) > 0 for k, v in metrics.items() if k.startswith("skipped_"))
+    count = count + 1 if skipped else 0
+  return count
 
 
 class _StopSignal:
@@ -162,9 +192,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                len(unlabeled_idx), len(run.sources["val"]))
 
   with_unlabeled = config.rml.mode != "supervised"
-  data_iter = input_pipeline.train_iterator(config, run.sources["train"], labeled_idx,
-                                            unlabeled_idx, with_unlabeled)
+  stage_steps = config.total_steps  # each stage runs total_steps (the paper: 90k x 2 stages)
+  final_step = stage_steps * config.rml.stages
+
+  def make_iterator(stage: int):
+    stored = soft_labels.stage_dir(workdir, stage) if stage > 0 else None
+    return input_pipeline.train_iterator(config, run.sources["train"], labeled_idx,
+                                         unlabeled_idx, with_unlabeled, stored)
+
   latest = run.checkpointer.latest_step()
+  # The checkpoint of step t holds the iterator of the stage that ran step t.
+  iterator_stage = _stage_of(latest, stage_steps) if latest else 0
+  data_iter = make_iterator(iterator_stage)
   if latest is not None:
     train_state = run.checkpointer.restore(latest, run.abstract_state, run.meta, data_iter)
     logging.info("Resumed from step %d.", latest)
@@ -172,12 +211,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_state = state.create_train_state(run.init_fn, jax.random.key(config.seed),
                                            run.state_shardings)
   start_step = int(jax.device_get(train_state.step))
+  train_fn = run.stage_train_fn(iterator_stage)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config).items()})
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every)
+      num_train_steps=final_step, writer=writer, every_steps=config.log_every)
   schedule = state.learning_rate_schedule(config)
   summary_images = _summary_inputs(run, unlabeled_idx)
 
@@ -186,26 +226,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   interval_start = time.perf_counter()
   results: dict[str, Any] = {}
   stopped_by = None
+  diverged = None
+  skips_in_a_row = 0
   with _StopSignal() as stop:
-    for current in range(start_step + 1, config.total_steps + 1):
+    for current in range(start_step + 1, final_step + 1):
+      if _stage_of(current, stage_steps) != iterator_stage:  # a new stage begins
+        iterator_stage = _stage_of(current, stage_steps)
+        if hasattr(data_iter, "close"):
+          data_iter.close()
+        train_state = _begin_stage(run, iterator_stage, train_state, unlabeled_idx,
+                                   should_stop=lambda: stop.received is not None)
+        if train_state is None:  # stopped while labelling; the stage-end checkpoint stays
+          stopped_by, data_iter = stop.received, None
+          current -= 1
+          break
+        data_iter = make_iterator(iterator_stage)
+        train_fn = run.stage_train_fn(iterator_stage)
+        interval_start, history, input_wait = time.perf_counter(), [], 0.0
       fetch_start = time.perf_counter()
       batch = next(data_iter)
       input_wait += time.perf_counter() - fetch_start
-      train_state, metrics = run.train_fn(train_state, sharding.to_global(batch, run.mesh))
+      train_state, metrics = train_fn(train_state, sharding.to_global(batch, run.mesh))
       history.append(metrics)
       report_progress(current)
 
-      if current % config.log_every == 0 or current == config.total_steps:
-        scalars = summarize_train_metrics(jax.device_get(history))
+      end_of_stage = current % stage_steps == 0
+      if current % config.log_every == 0 or end_of_stage:
+        host_history = jax.device_get(history)
+        scalars = summarize_train_metrics(host_history)
+        skips_in_a_row = trailing_skips(host_history, skips_in_a_row)
+        if skips_in_a_row >= config.max_skipped_steps > 0:
+          diverged = (f"training diverged: {skips_in_a_row} steps in a row had a non-finite "
+                      f"loss or gradient (up to step {current})")
+          break
         elapsed = time.perf_counter() - interval_start
-        scalars.update(learning_rate=float(schedule(current - 1)),
+        scalars.update(learning_rate=float(schedule((current - 1) % stage_steps)),
+                       stage=float(iterator_stage + 1),
                        input_wait_fraction=input_wait / max(elapsed, 1e-9))
         writer.write_scalars(current, scalars)
-        logging.info("step %d/%d: %s", current, config.total_steps,
+        logging.info("step %d/%d: %s", current, final_step,
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
         history, input_wait, interval_start = [], 0.0, time.perf_counter()
 
-      if current % config.eval_every == 0 or current == config.total_steps:
+      if current % config.eval_every == 0 or end_of_stage:
         with report_progress.timed("eval"):
           results = _evaluate_and_log(run, train_state, current, writer, summary_images)
         interval_start = time.perf_counter()
@@ -213,27 +276,87 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopped_by = stop.received
       if config.max_steps_per_run and current - start_step >= config.max_steps_per_run:
         stopped_by = stopped_by or "max_steps_per_run"
-      if (current % config.checkpoint_every == 0 or current == config.total_steps
-          or stopped_by is not None):
+      if current % config.checkpoint_every == 0 or end_of_stage or stopped_by is not None:
         run.checkpointer.save(current, train_state, data_iter, run.meta, force=True)
       if stopped_by is not None:
         break
 
   run.checkpointer.wait()
   run.checkpointer.close()
-  if hasattr(data_iter, "close"):
+  if data_iter is not None and hasattr(data_iter, "close"):
     data_iter.close()  # stops grain worker processes and frees their shared memory
   writer.flush()
+  if diverged is not None:  # raised only now: pending checkpoint writes have finished
+    raise UserError(f"{diverged}; {_kept_checkpoint(run)}. Lower "
+                    "config.optimizer.learning_rate or check the data.")
   if stopped_by is not None:
     logging.warning("Stopped (%s) at step %d; checkpoint saved. Rerun the same command to "
                     "resume.", stopped_by, current)
     reason = stopped_by if isinstance(stopped_by, str) else signal.Signals(stopped_by).name
     print(f"Stopped by {reason} at step {current}; checkpoint saved in "
           f"{run.checkpointer.directory}. Rerun the same command to resume.", flush=True)
-  elif not results and start_step >= config.total_steps:
+  elif not results and start_step >= final_step:
     # Resumed a finished run: report its final evaluation again.
     results = _evaluate_and_log(run, train_state, start_step, writer, None)
   return results
+
+
+def _stage_of(step_number: int, stage_steps: int) -> int:
+  """The stage (0-based) that runs global step `step_number` (1-based)."""
+  return (step_number - 1) // stage_steps
+
+
+def _begin_stage(run: Run, stage: int, train_state, unlabeled_idx: np.ndarray, should_stop):
+  """Starts stage `stage` (>= 1): the finished stage's teachers label every unlabeled image
+  (stored in the workdir, resumable), then the students restart (config.rml.stage_restart).
+
+  Returns the new state, or None when should_stop() turned true while labelling.
+  """
+  config = run.config
+  if jax.process_count() > 1:
+    raise UserError("config.rml.stages > 1 is not supported with several processes yet")
+  directory = soft_labels.stage_dir(run.workdir, stage)
+  image_shape = tuple(np.asarray(run.sources["train"][int(unlabeled_idx[0])]["image"]).shape[:2])
+
+  def batches(start: int):
+    return input_pipeline.eval_batches(config, run.sources["train"], unlabeled_idx[start:])
+
+  def predict(images):
+    return jax.device_get(run.predict_fn(train_state, sharding.to_global(images, run.mesh)))
+
+  complete = soft_labels.generate(directory, batches, predict, len(unlabeled_idx), image_shape,
+                                  config.rml.soft_label_top_k, should_stop=should_stop)
+  if not complete:
+    return None
+  print(f"Stage {stage + 1}/{config.rml.stages}: {len(unlabeled_idx)} unlabeled images labelled "
+        f"by the stage-{stage} teachers ({directory}); students restart "
+        f"({config.rml.stage_restart}).", flush=True)
+  return _restart_students(run, train_state, config.rml.stage_restart)
+
+
+def _restart_students(run: Run, train_state, restart: str):
+  """'init': students, teachers and prototypes back to the initial weights; 'continue': keep
+  the weights and prototypes, fresh optimizer state (the schedule restarts). The step and the
+  run's rng carry on."""
+  if restart == "init":
+    fresh = state.create_train_state(run.init_fn, jax.random.key(run.config.seed),
+                                     run.state_shardings)
+    return fresh.replace(step=train_state.step, rng=train_state.rng)
+
+  def reset_optimizer(current):
+    return current.replace(**{name: getattr(current, name).replace(
+        opt_state=current.tx.init(getattr(current, name).params))
+        for name in ("learner_a", "learner_b")})
+
+  return jax.jit(reset_optimizer, out_shardings=run.state_shardings,
+                 donate_argnums=0)(train_state)
+
+
+def _kept_checkpoint(run: Run) -> str:
+  latest = run.checkpointer.latest_step()
+  if latest is None:
+    return "no checkpoint had been written yet"
+  return f"the last good checkpoint (step {latest}) is kept in {run.checkpointer.directory}"
 
 
 def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -67,3 +67,17 @@ def test_rand_augment_is_photometric_and_deterministic():
   for name in ops:  # every op keeps shape and dtype
     out = augment.rand_augment(np.random.default_rng(1), image, 1, (0.9, 0.9), (name,))
     assert out.shape == image.shape and out.dtype == np.uint8
+
+
+def test_weak_geometry_moves_multichannel_maps_like_single_channel_ones():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+  stacked = rng.integers(0, 11, (20, 30, 4), dtype=np.uint8)  # e.g. stored top-k classes
+  maps = {"stacked": stacked, **{f"c{c}": stacked[..., c] for c in range(4)}}
+  pads = {"stacked": 7, **{f"c{c}": 7 for c in range(4)}}
+  for seed in range(5):  # scales below 1 pad, above 1 crop
+    _, out = augment.weak_geometry(np.random.default_rng(seed), image, maps, (24, 24),
+                                   (0.5, 1.5), True, pads)
+    assert out["stacked"].shape == (24, 24, 4)
+    for c in range(4):
+      np.testing.assert_array_equal(out["stacked"][..., c], out[f"c{c}"])

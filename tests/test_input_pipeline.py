@@ -73,3 +73,37 @@ def test_labeled_split_is_seeded_and_disjoint():
   assert not set(labeled) & set(unlabeled)
   np.testing.assert_array_equal(labeled, datasets.labeled_indices(2048, 1 / 16, 0)[0])
   assert not np.array_equal(labeled, datasets.labeled_indices(2048, 1 / 16, 1)[0])
+
+
+def test_stored_soft_labels_follow_their_unlabeled_image(data_dir, train_source, tmp_path):
+  from rml_jax import soft_labels
+
+  config = tiny_config(data_dir, "augment.num_ops=0")
+  config.data.scale_range = (1.0, 1.0)  # no resampling: stored labels stay checkable
+  labeled, unlabeled = datasets.labeled_indices(len(train_source), config.data.labeled_fraction,
+                                                config.data.split_seed)
+  unlabeled = unlabeled[:6]
+
+  def teachers(images):  # classes from pixel values: checkable after the pipeline
+    x = images.astype(np.float32)
+    scores = np.stack([x[..., 0], x[..., 1], x[..., 2], 255 - x[..., 0]], -1)
+    probs = np.exp(scores / 40) / np.exp(scores / 40).sum(-1, keepdims=True)
+    return {"teacher_a": probs, "teacher_b": probs[..., ::-1]}
+
+  def batches(start):
+    for i in range(start, len(unlabeled), 4):
+      images = np.stack([np.asarray(train_source[int(j)]["image"]) for j in unlabeled[i:i + 4]])
+      yield {"image": images}
+
+  directory = str(tmp_path / "stage_1")
+  assert soft_labels.generate(directory, batches, teachers, len(unlabeled), (64, 64), 2)
+  iterator = input_pipeline.train_iterator(config, train_source, labeled, unlabeled, True,
+                                           stored_labels=directory)
+  for _ in range(3):
+    batch = next(iterator)["unlabeled"]
+    assert batch["soft_classes"].shape == (2, 64, 64, 4)  # 2 teachers x top 2
+    expected = teachers(batch["weak"])
+    np.testing.assert_array_equal(batch["soft_classes"][..., 0],
+                                  expected["teacher_a"].argmax(-1))
+    np.testing.assert_array_equal(batch["soft_classes"][..., 2],
+                                  expected["teacher_b"].argmax(-1))

@@ -1,0 +1,174 @@
+"""The paper's ablation ladder (Table 4 analogue) on one config, several seeds, one command:
+
+  python -m rml_jax.experiments.ablation --config=configs/digits.py --out=runs/ablation
+
+Every rung trains with the same labeled subset (config.data.split_seed) and schedule; only the
+mode, the noise switches and the number of stages change. Each run lives in
+`<out>/runs/<rung>_seed<s>` and is resumable, so rerunning the command continues where it
+stopped and reuses finished runs. Writes `<out>/ablation.md`, `ablation.csv` and `ablation.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from rml_jax.config_args import apply_overrides
+from rml_jax.errors import UserError
+
+FULL_NOISE = "model.dropout_rate=0.5,model.survival_prob=0.8"  # the paper's model noise
+NO_INPUT_NOISE = "augment.num_ops=0,augment.cutmix_prob=0.0"  # strong view = weak view
+
+# rung -> (label, config overrides). Input noise (RandAugment + CutMix) is the config's default.
+RUNGS = {
+    "supervised": ("Supervised baseline", "mode=supervised"),
+    "mean_teacher": ("Mean teacher (no exchange)", "mode=mean_teacher"),
+    "direct": ("Direct mutual learning (eq. 3)", "mode=direct"),
+    "iml": ("IML, no noise", f"mode=iml,{NO_INPUT_NOISE}"),
+    "iml_model_noise": ("IML + model noise", f"mode=iml,{NO_INPUT_NOISE},{FULL_NOISE}"),
+    "iml_input_noise": ("IML + input noise", "mode=iml"),
+    "iml_full_noise": ("IML + full noise", f"mode=iml,{FULL_NOISE}"),
+    "rml": ("RML", f"mode=rml,{FULL_NOISE}"),
+    "rml_two_stages": ("RML, two stages", f"mode=rml,{FULL_NOISE},rml.stages=2"),
+}
+MODELS = ("teacher_a", "teacher_b", "student_a", "student_b")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so importing stays free)."""
+  config_flags.DEFINE_config_file("config", None, "Base configuration file.", lock_config=False)
+  flags.DEFINE_string("out", None, "Output folder (runs, table, CSV, plot).")
+  flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the labeled subset stays fixed).")
+  flags.DEFINE_list("rungs", list(RUNGS), f"Rungs to run, from {list(RUNGS)}.")
+  flags.DEFINE_string("set", "", "Extra overrides for every rung, e.g. 'total_steps=500'.")
+  flags.mark_flags_as_required(["config", "out"])
+
+
+def rung_config(base: ml_collections.ConfigDict, rung: str, seed: int,
+                extra: str = "") -> ml_collections.ConfigDict:
+  """The base config with the rung's overrides, the extra overrides and the seed."""
+  config = base.copy_and_resolve_references()
+  config = apply_overrides(config, ",".join(filter(None, [RUNGS[rung][1], extra])))
+  config.seed = seed
+  return config
+
+
+def final_results(workdir: str, final_step: int) -> dict | None:
+  """The eval results of the run's last step, or None when it has not finished."""
+  path = os.path.join(workdir, "eval", f"step_{final_step}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["results"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """Per rung: mean and spread (sample std over seeds) of the teachers' and students' mIoU.
+
+  rows: {'rung', 'seed', 'teacher_a', ...} with mIoU in percent.
+  """
+  table = []
+  for rung in dict.fromkeys(r["rung"] for r in rows):
+    mine = [r for r in rows if r["rung"] == rung]
+    teachers = np.array([(r["teacher_a"] + r["teacher_b"]) / 2 for r in mine])
+    students = np.array([(r["student_a"] + r["student_b"]) / 2 for r in mine])
+    spread = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
+    table.append({"rung": rung, "label": RUNGS[rung][0], "seeds": len(mine),
+                  "teacher_mean": float(teachers.mean()), "teacher_std": spread(teachers),
+                  "student_mean": float(students.mean()), "student_std": spread(students)})
+  return table
+
+
+def markdown(table: list[dict], base_name: str, note: str) -> str:
+  lines = [f"# Ablation on {base_name}", "", note, "",
+           "| rung | seeds | teachers mIoU (mean ± std) | students mIoU | vs supervised |",
+           "|---|---|---|---|---|"]
+  baseline = next((t["teacher_mean"] for t in table if t["rung"] == "supervised"), None)
+  for t in table:
+    delta = "" if baseline is None else f"{t['teacher_mean'] - baseline:+.2f}"
+    lines.append(f"| {t['label']} | {t['seeds']} | {t['teacher_mean']:.2f} ± "
+                 f"{t['teacher_std']:.2f} | {t['student_mean']:.2f} ± {t['student_std']:.2f} | "
+                 f"{delta} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(1.3 * len(table) + 2, 4))
+  x = np.arange(len(table))
+  ax.bar(x, [t["teacher_mean"] for t in table], yerr=[t["teacher_std"] for t in table],
+         capsize=4, color="#4c72b0")
+  ax.set_xticks(x, [t["label"] for t in table], rotation=30, ha="right")
+  ax.set_ylabel("teacher mIoU (%)")
+  low = min(t["teacher_mean"] - t["teacher_std"] for t in table)
+  ax.set_ylim(max(0, low - 5), None)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  from rml_jax import train  # after flag parsing
+
+  base = FLAGS.config
+  unknown = [r for r in FLAGS.rungs if r not in RUNGS]
+  if unknown:
+    raise UserError(f"--rungs: unknown {unknown}; expected some of {list(RUNGS)}")
+  seeds = [int(s) for s in FLAGS.seeds]
+  os.makedirs(FLAGS.out, exist_ok=True)
+  rows = []
+  for rung in FLAGS.rungs:
+    for seed in seeds:
+      config = rung_config(base, rung, seed, FLAGS.set)
+      workdir = os.path.join(FLAGS.out, "runs", f"{rung}_seed{seed}")
+      final_step = config.total_steps * config.rml.stages
+      results = final_results(workdir, final_step)
+      if results is None:
+        print(f"== {rung}, seed {seed} -> {workdir}", flush=True)
+        train.train_and_evaluate(config, workdir)
+        results = final_results(workdir, final_step)
+        if results is None:  # stopped by a signal: everything so far is saved
+          print("Stopped; rerun the same command to continue.", flush=True)
+          return
+      rows.append({"rung": rung, "seed": seed,
+                   **{m: 100 * results[m]["miou"] for m in MODELS}})
+  with open(os.path.join(FLAGS.out, "ablation.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["rung", "seed", *MODELS])
+    writer.writeheader()
+    writer.writerows(rows)
+  table = summarize(rows)
+  note = (f"Final val mIoU (%) after {base.total_steps} steps per stage, labeled subset "
+          f"split_seed={base.data.split_seed}, seeds {seeds}; teachers = mean of the two "
+          f"teachers of a run. Extra overrides: {FLAGS.set or 'none'}.")
+  text = markdown(table, os.path.basename(str(FLAGS["config"].config_filename)), note)
+  with open(os.path.join(FLAGS.out, "ablation.md"), "w") as f:
+    f.write(text)
+  plot(table, os.path.join(FLAGS.out, "ablation.png"))
+  print(text, flush=True)
+
+
+def run():
+  define_flags()
+  try:
+    app.run(main)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

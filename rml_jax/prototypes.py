@@ -1,0 +1,116 @@
+"""Pseudo-label self-rectification (paper section 4.2) as jitted array ops.
+
+Each mean teacher keeps K class prototypes in its own feature space (the input of its classifier
+head). Prototypes follow a moving average of per-class feature means (eq. 11), the distance of a
+feature to every prototype gives a class-wise confidence (eq. 9), and the teacher's soft label is
+re-weighted by that confidence before the argmax (eq. 6).
+
+Memory stays bounded: prototype updates and class confidences work at the feature map's
+resolution [N, h, w, C]; only the K-channel confidence map is resized to label resolution.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def class_means(features: jax.Array, labels: jax.Array, num_classes: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """Per-class feature means of one batch.
+
+  Args:
+    features: [N, H, W, C] float.
+    labels: [N, H, W] int; values outside [0, num_classes) are ignored.
+    num_classes: K.
+  Returns:
+    (means [K, C] float32, zero where a class has no pixel; counts [K] float32 pixel counts).
+  """
+  flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels.reshape(-1), num_classes, dtype=jnp.float32)  # out of range -> 0
+  counts = onehot.sum(axis=0)
+  sums = onehot.T @ flat
+  return sums / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+def update_prototypes(prototypes: jax.Array, features: jax.Array, labels: jax.Array,
+                      momentum: float | jax.Array) -> jax.Array:
+  """Eq. 11: eta_k <- momentum * eta_k + (1 - momentum) * eta'_k for classes present in the batch.
+
+  Args:
+    prototypes: [K, C] float32.
+    features: [N, H, W, C].
+    labels: [N, H, W] int32 (the teacher's argmax; values outside [0, K) ignored).
+    momentum: the share of the old value (paper: 0.9999).
+  Returns:
+    [K, C] float32; a class with no pixel in the batch keeps its old prototype.
+  """
+  means, counts = class_means(features, labels, prototypes.shape[0])
+  moved = momentum * prototypes + (1.0 - momentum) * means
+  return jnp.where((counts > 0)[:, None], moved, prototypes).astype(jnp.float32)
+
+
+def update_prototypes_with_init(prototypes: jax.Array, initialized: jax.Array,
+                                features: jax.Array, labels: jax.Array,
+                                momentum: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 11 after initialisation: a class seen for the first time starts at its batch mean.
+
+  Args:
+    prototypes: [K, C] float32; initialized: [K] bool (which rows hold a real mean yet).
+    features, labels, momentum: as in `update_prototypes`.
+  Returns:
+    (prototypes [K, C] float32, initialized [K] bool).
+  """
+  means, counts = class_means(features, labels, prototypes.shape[0])
+  present = counts > 0
+  updated = update_prototypes(prototypes, features, labels, momentum)
+  first_seen = present & ~initialized
+  prototypes = jnp.where(first_seen[:, None], means, updated)
+  return prototypes.astype(jnp.float32), initialized | present
+
+
+def class_confidence(features: jax.Array, prototypes: jax.Array,
+                     temperature: float = 1.0) -> jax.Array:
+  """Eq. 9: omega = softmax_k(-||f - eta_k||_2 / temperature).
+
+  Args:
+    features: [N, H, W, C]; prototypes: [K, C].
+  Returns:
+    [N, H, W, K] float32, summing to 1 over k.
+  """
+  f = features.astype(jnp.float32)
+  p = prototypes.astype(jnp.float32)
+  # ||f - eta||^2 = ||f||^2 - 2 f.eta + ||eta||^2, without materialising [N, H, W, K, C].
+  squared = (jnp.sum(f * f, -1, keepdims=True) - 2.0 * jnp.einsum("nhwc,kc->nhwk", f, p)
+             + jnp.sum(p * p, -1))
+  distance = jnp.sqrt(jnp.maximum(squared, 0.0))
+  return jax.nn.softmax(-distance / temperature, axis=-1)
+
+
+def rectify(probs: jax.Array, confidence: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 6: rectified hard labels and their confidence.
+
+  Args:
+    probs: [N, H, W, K] soft pseudo labels p^0; confidence: [N, H, W, K] class-wise omega.
+  Returns:
+    (labels [N, H, W] int32 = argmax_k(omega * p),
+     label_confidence [N, H, W] float32 = max_k(omega * p) / sum_k(omega * p)).
+  """
+  weighted = confidence.astype(jnp.float32) * probs.astype(jnp.float32)
+  total = jnp.sum(weighted, -1)
+  labels = jnp.argmax(weighted, -1).astype(jnp.int32)
+  label_confidence = jnp.max(weighted, -1) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+  return labels, label_confidence
+
+
+def resize_to(maps: jax.Array, height: int, width: int) -> jax.Array:
+  """Resizes [N, h, w, K] maps to [N, height, width, K].
+
+  Shrinking by an integer factor averages each block (area resampling); other sizes use
+  antialiased bilinear resampling; growing is bilinear.
+  """
+  n, h, w, k = maps.shape
+  if h % height == 0 and w % width == 0 and (h, w) != (height, width):
+    blocks = maps.reshape(n, height, h // height, width, w // width, k)
+    return blocks.mean(axis=(2, 4))
+  return jax.image.resize(maps, (n, height, width, k), method="linear", antialias=True)

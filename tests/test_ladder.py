@@ -1,0 +1,117 @@
+"""The ablation ladder: who teaches whom in each mode, self-rectification in the step, and the
+divergence guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rml_jax import sharding, state, step, train
+from rml_jax.errors import UserError
+from tests.conftest import tiny_config
+
+
+def _batch(seed: int = 0, size: int = 64) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"labeled": {"image": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
+                      "label": rng.integers(0, 11, (2, size, size)).astype(np.int32)},
+          "unlabeled": {"weak": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
+                        "strong": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
+                        "valid": np.ones((2, size, size), bool),
+                        "label": rng.integers(0, 11, (2, size, size)).astype(np.int32)}}
+
+
+def _run(data_dir, tmp_path, mode: str, extra: str = ""):
+  # threshold 0: every pseudo label counts, so any change of a teacher changes the loss.
+  config = tiny_config(data_dir, f"mode={mode},rml.threshold=0.0,optimizer.warmup_steps=0"
+                       + extra)
+  return train.Run.create(config, str(tmp_path / mode))
+
+
+def _state_with(run, swap: str | None):
+  """A fresh state from key 0; `swap` names a part of learner b taken from a key-1 state."""
+  base = state.create_train_state(run.init_fn, jax.random.key(0), run.state_shardings)
+  if swap is None:
+    return base
+  other = state.create_train_state(run.init_fn, jax.random.key(1), run.state_shardings)
+  if swap == "all":
+    return base.replace(learner_b=other.learner_b)
+  return base.replace(learner_b=base.learner_b.replace(**{swap: getattr(other.learner_b, swap)}))
+
+
+def _student_a_after_step(run, swap):
+  new_state, _ = run.train_fn(_state_with(run, swap), sharding.to_global(_batch(), run.mesh))
+  return jax.device_get(new_state.learner_a.params)
+
+
+def _same(x, y) -> bool:
+  return all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+@pytest.mark.parametrize("mode,depends_on,ignores", [
+    ("mean_teacher", [], ["all"]),  # taught by its own teacher only
+    ("direct", ["params"], ["ema_params"]),  # eq. 3: the other *student* teaches
+    ("iml", ["ema_params"], ["params"]),  # eqs. 4-5: the other *mean teacher* teaches
+])
+def test_who_teaches_student_a(data_dir, tmp_path, mode, depends_on, ignores):
+  run = _run(data_dir, tmp_path, mode)
+  reference = _student_a_after_step(run, None)
+  for part in depends_on:
+    assert not _same(reference, _student_a_after_step(run, part)), f"{mode}: {part} ignored"
+  for part in ignores:
+    assert _same(reference, _student_a_after_step(run, part)), f"{mode}: {part} used"
+
+
+def test_rml_step_initialises_prototypes_from_teacher_class_means(data_dir, tmp_path):
+  run = _run(data_dir, tmp_path, "rml")
+  initial = jax.device_get(_state_with(run, None))
+  new_state, metrics = run.train_fn(_state_with(run, None),
+                                    sharding.to_global(_batch(), run.mesh))
+  new_state = jax.device_get(new_state)
+  weak = step.normalize(jnp.asarray(_batch()["unlabeled"]["weak"]), run.step_config)
+  for name, model in (("learner_a", run.abstract_state.model_a),
+                      ("learner_b", run.abstract_state.model_b)):
+    out = jax.device_get(step.teacher_outputs(model, getattr(initial, name), weak))
+    features = np.asarray(out["features"], np.float64)  # [N, h, w, C]
+    n, h, w, c = features.shape
+    probs = np.asarray(jax.nn.softmax(out["logits"], -1), np.float64)  # [N, H, W, K]
+    factor = probs.shape[1] // h
+    # Reference: average each factor x factor block of probabilities, argmax, class means.
+    small = probs.reshape(n, h, factor, w, factor, -1).mean(axis=(2, 4)).argmax(-1)
+    learner = getattr(new_state, name)
+    present = np.unique(small)
+    np.testing.assert_array_equal(np.flatnonzero(learner.prototypes_seen), present)
+    for k in present:
+      np.testing.assert_allclose(learner.prototypes[k], features[small == k].mean(0),
+                                 rtol=1e-4, atol=1e-5)
+    absent = np.setdiff1d(np.arange(run.num_classes), present)
+    np.testing.assert_array_equal(learner.prototypes[absent], 0.0)
+  # Rectification waits until every class has a prototype; raw and final accuracy both logged.
+  assert float(metrics["rectified"]) == float(np.all(new_state.learner_a.prototypes_seen))
+  for key in ("pl_counted_raw_a", "pl_counted_a", "confident_ratio_a"):
+    assert np.isfinite(float(metrics[key]))
+
+
+def test_non_finite_update_is_skipped_and_counted(data_dir, tmp_path):
+  run = _run(data_dir, tmp_path, "iml")
+  poisoned = _state_with(run, None)
+  leaves, treedef = jax.tree.flatten(poisoned.learner_a.params)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+  poisoned = poisoned.replace(learner_a=poisoned.learner_a.replace(
+      params=jax.tree.unflatten(treedef, leaves)))
+  before = jax.device_get(poisoned.learner_a)
+  new_state, metrics = run.train_fn(poisoned, sharding.to_global(_batch(), run.mesh))
+  assert float(metrics["skipped_a"]) == 1.0
+  after = jax.device_get(new_state.learner_a)
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(x, y)  # NaN compares equal to NaN here
+  assert int(new_state.step) == 1
+
+
+def test_training_that_keeps_diverging_stops_with_one_clear_error(data_dir, tmp_path):
+  config = tiny_config(data_dir, "optimizer.learning_rate=1e30,max_skipped_steps=2")
+  # Step 1 is finite (huge weights); from step 2 every forward pass overflows and is skipped.
+  with pytest.raises(UserError, match=r"training diverged: \d+ steps in a row .*\(up to step 4\)"
+                     r".*checkpoint \(step 2\) is kept"):
+    train.train_and_evaluate(config, str(tmp_path / "diverge"))
+  assert (tmp_path / "diverge" / "checkpoints" / "2").is_dir()
