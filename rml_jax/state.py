@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -127,3 +128,43 @@ def abstract_train_state(init_fn, mesh) -> tuple[RMLState, RMLState]:
 def create_train_state(init_fn, rng: jax.Array, shardings) -> RMLState:
   """Initialises the state directly into its shardings (no host copy of the weights)."""
   return jax.jit(init_fn, out_shardings=shardings)(rng)
+
+
+def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """config.model.init_from for student a; student b uses it too unless model_b names another
+  architecture (then config.model_b.init_from)."""
+  path_a = config.model.get("init_from", "")
+  path_b = config.model_b.get("init_from", "") if config.model_b.name else path_a
+  return path_a, path_b
+
+
+def load_pretrained(train_state: RMLState, config: ml_collections.ConfigDict,
+                    shardings) -> RMLState:
+  """Puts converted pretrained weights (rml_jax.convert) into both students and both teachers.
+
+  Leaves the file does not hold (the heads) stay as initialised; a leaf of another shape stops
+  with one line naming it. A ViT position embedding is resampled to the crop's token grid.
+  """
+  from rml_jax import convert  # host-side numpy work
+
+  paths = pretrained_paths(config)
+  if not any(paths):
+    return train_state
+  learners = {}
+  for name, model, path in (("learner_a", train_state.model_a, paths[0]),
+                            ("learner_b", train_state.model_b, paths[1])):
+    learner = getattr(train_state, name)
+    if not path:
+      learners[name] = learner
+      continue
+    learner = jax.device_get(learner)
+    patch = getattr(model, "patch_size", None)
+    grid = (tuple(s // patch for s in config.data.crop_size) if patch else None)
+    variables = {"params": learner.params, "batch_stats": learner.batch_stats}
+    merged, kept = convert.merge_pretrained(variables, convert.load(path), path, grid)
+    logging.info("%s: loaded %s; %d tensors stay initialised (e.g. %s)", name, path,
+                 len(kept), ", ".join(kept[:3]))
+    learners[name] = learner.replace(
+        params=merged["params"], batch_stats=merged.get("batch_stats", {}),
+        ema_params=merged["params"], ema_batch_stats=merged.get("batch_stats", {}))
+  return jax.device_put(train_state.replace(**learners), shardings)

@@ -97,6 +97,12 @@ class Run:
     matrices = evaluate.run_evaluation(self.eval_fn, train_state, batches, self.mesh)
     return evaluate.summarize(matrices, self.class_names)
 
+  def initial_state(self):
+    """The run's initial state: seeded init, then pretrained weights when the config names them."""
+    fresh = state.create_train_state(self.init_fn, jax.random.key(self.config.seed),
+                                     self.state_shardings)
+    return state.load_pretrained(fresh, self.config, self.state_shardings)
+
   def stage_train_fn(self, stage: int):
     """The jitted train step of a stage (stages after the first read stored soft labels)."""
     if stage == 0:
@@ -208,8 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_state = run.checkpointer.restore(latest, run.abstract_state, run.meta, data_iter)
     logging.info("Resumed from step %d.", latest)
   else:
-    train_state = state.create_train_state(run.init_fn, jax.random.key(config.seed),
-                                           run.state_shardings)
+    train_state = run.initial_state()
   start_step = int(jax.device_get(train_state.step))
   train_fn = run.stage_train_fn(iterator_stage)
 
@@ -339,8 +344,7 @@ def _restart_students(run: Run, train_state, restart: str):
   the weights and prototypes, fresh optimizer state (the schedule restarts). The step and the
   run's rng carry on."""
   if restart == "init":
-    fresh = state.create_train_state(run.init_fn, jax.random.key(run.config.seed),
-                                     run.state_shardings)
+    fresh = run.initial_state()
     return fresh.replace(step=train_state.step, rng=train_state.rng)
 
   def reset_optimizer(current):

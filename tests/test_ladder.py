@@ -115,3 +115,18 @@ def test_training_that_keeps_diverging_stops_with_one_clear_error(data_dir, tmp_
                      r".*checkpoint \(step 2\) is kept"):
     train.train_and_evaluate(config, str(tmp_path / "diverge"))
   assert (tmp_path / "diverge" / "checkpoints" / "2").is_dir()
+
+
+def test_heterogeneous_pair_deeplab_and_setr_trains(data_dir, tmp_path):
+  config = tiny_config(data_dir, "mode=iml,model_b.name=setr_naive_tiny,"
+                       "optimizer.warmup_steps=0")
+  run = train.Run.create(config, str(tmp_path / "pair"))
+  assert type(run.abstract_state.model_b).__name__ == "SETR"
+  assert "encoder" in run.abstract_state.learner_b.params  # a ViT, not a ResNet
+  initial = jax.device_get(run.initial_state())
+  new_state, metrics = run.train_fn(run.initial_state(), sharding.to_global(_batch(), run.mesh))
+  assert np.isfinite(float(metrics["loss_b"])) and float(metrics["skipped_b"]) == 0.0
+  after = jax.device_get(new_state.learner_b.params)
+  assert not _same(after["encoder"], initial.learner_b.params["encoder"])
+  # SETR's features are the decoder's input of its classifier: prototypes have that width.
+  assert new_state.learner_b.prototypes.shape == (run.num_classes, 64)

@@ -11,6 +11,7 @@ import ml_collections
 
 from rml_jax.errors import UserError
 from rml_jax.models.deeplabv2 import DeepLabV2
+from rml_jax.models.setr import SETR
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -23,6 +24,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv2_tiny": functools.partial(
         DeepLabV2, stage_sizes=(1, 1, 1, 1), base_width=8, strides=(1, 2, 2, 1),
         dilations=(1, 1, 1, 2), stem_pool=False, aspp_rates=(1, 2, 3, 4)),
+    # SETR (Table 5's transformer student): ViT-B/16 or ViT-L/16 encoder.
+    "setr_naive_vit_b16": functools.partial(SETR, decoder="naive"),
+    "setr_pup_vit_b16": functools.partial(SETR, decoder="pup"),
+    "setr_naive_vit_l16": functools.partial(SETR, decoder="naive", hidden_size=1024, depth=24,
+                                            num_heads=16),
+    "setr_pup_vit_l16": functools.partial(SETR, decoder="pup", hidden_size=1024, depth=24,
+                                          num_heads=16),
+    # CPU-sized SETR for the embedded digits: patch 8, width 96, 4 blocks.
+    "setr_naive_tiny": functools.partial(SETR, decoder="naive", patch_size=8, hidden_size=96,
+                                         depth=4, num_heads=4, decoder_width=64),
 }
 
 _MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn")

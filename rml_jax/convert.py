@@ -1,0 +1,307 @@
+"""Pretrained weights -> a params file that a config names (`config.model.init_from`).
+
+  python -m rml_jax.convert --arch=resnet101 --src=resnet101-63fe2227.pth --out=r101.npz
+  python -m rml_jax.convert --arch=vit --src=ViT-B_16.npz --out=vit_b16.npz
+  python -m rml_jax.convert --arch=vit --src=vit_base_patch16_224.safetensors --out=vit_b16.npz
+
+Sources: torchvision-format ResNet state dicts and timm-format ViT state dicts (`.pth` through
+torch when it is installed, `.safetensors` or `.npz` without it), and ViT checkpoints in the
+`.npz` layout of the original ViT / AugReg releases. The output is an `.npz` of flat keys
+`params/<module path>` and `batch_stats/<module path>` in this project's layout (ResNet under
+`backbone`, ViT under `encoder`); heads are never converted, so they stay freshly initialised.
+Every source key that is not used is listed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rml_jax.errors import UserError
+
+Tree = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_source(path: str) -> dict[str, np.ndarray]:
+  """A checkpoint file -> {key: float32 array}. .pth needs torch; .safetensors / .npz do not."""
+  if not os.path.exists(path):
+    raise UserError(f"--src: {path} does not exist")
+  if path.endswith((".pth", ".pt", ".bin")):
+    try:
+      import torch
+    except ImportError:
+      raise UserError(f"--src: {path} is a torch file and torch is not installed; convert it "
+                      "to .safetensors or .npz, or `pip install torch`") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state.get("model", state))
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items()}
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+
+    return dict(load_file(path))
+  if path.endswith(".npz"):
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  raise UserError(f"--src: {path}: expected a .pth, .safetensors or .npz file")
+
+
+def flatten(tree: Tree, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else key
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path))
+    else:
+      out[path] = np.asarray(value)
+  return out
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> Tree:
+  tree: Tree = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def save(path: str, variables: Tree) -> None:
+  """{'params': ..., 'batch_stats': ...} -> an .npz of flat '/'-joined keys."""
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **flatten(variables))
+  os.replace(tmp, path)
+
+
+def load(path: str) -> Tree:
+  if not os.path.exists(path):
+    raise UserError(f"config.model.init_from: {path} does not exist; make it with "
+                    "`python -m rml_jax.convert`")
+  with np.load(path) as data:
+    return unflatten({k: data[k] for k in data.files})
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet (torchvision layout).
+# ---------------------------------------------------------------------------------------------
+
+_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+       "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def resnet_from_torch(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
+  """torchvision ResNet state dict -> ({'params': {'backbone': ...}, 'batch_stats': ...}, unused).
+
+  conv weights [O, I, kh, kw] -> [kh, kw, I, O] (1x1 convs -> Dense kernels [I, O]); BN
+  weight/bias -> scale/bias, running stats -> batch_stats; fc and num_batches_tracked unused.
+  """
+  flat: dict[str, np.ndarray] = {}
+  unused = []
+  for key, value in state.items():
+    match = re.fullmatch(r"(?:(layer\d+)\.(\d+)\.)?(.+)\.(\w+)", key)
+    if match is None or key.startswith("fc.") or key.endswith("num_batches_tracked"):
+      unused.append(key)
+      continue
+    layer, block, module, field = match.groups()
+    prefix = f"backbone/{layer}_{block}/" if layer else "backbone/"
+    module = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(module,
+                                                                                    module)
+    if module.startswith("conv") or module == "downsample_conv":
+      if field != "weight":
+        unused.append(key)
+        continue
+      if value.shape[2:] == (1, 1) and layer:  # 1x1 conv as Dense
+        flat[f"params/{prefix}{module}/kernel_dense/kernel"] = value[:, :, 0, 0].T
+      else:
+        flat[f"params/{prefix}{module}/kernel"] = value.transpose(2, 3, 1, 0)
+    elif module.startswith("bn") or module == "downsample_bn":
+      if field not in _BN:
+        unused.append(key)
+        continue
+      collection, name = _BN[field]
+      flat[f"{collection}/{prefix}{module}/{name}"] = value
+    else:
+      unused.append(key)
+  return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()}), unused
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT (timm layout, and the original ViT / AugReg .npz layout).
+# ---------------------------------------------------------------------------------------------
+
+
+def vit_from_timm(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
+  """timm VisionTransformer state dict -> ({'params': {'encoder': ...}}, unused keys)."""
+  flat: dict[str, np.ndarray] = {}
+  unused = []
+  for key, value in state.items():
+    if key == "cls_token" or key == "pos_embed":
+      flat[f"encoder/{key}"] = value
+    elif key == "patch_embed.proj.weight":
+      flat["encoder/patch_embed/kernel"] = value.transpose(2, 3, 1, 0)
+    elif key == "patch_embed.proj.bias":
+      flat["encoder/patch_embed/bias"] = value
+    elif key.startswith("norm."):
+      flat[f"encoder/norm/{'scale' if key.endswith('weight') else 'bias'}"] = value
+    elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|"
+                               r"mlp\.fc2)\.(weight|bias)", key):
+      index, module, field = match.groups()
+      path = f"encoder/blocks_{index}/{module.replace('.', '/')}"
+      if module.startswith("norm"):
+        flat[f"{path}/{'scale' if field == 'weight' else 'bias'}"] = value
+      else:
+        flat[f"{path}/{'kernel' if field == 'weight' else 'bias'}"] = (
+            value.T if field == "weight" else value)
+    else:
+      unused.append(key)
+  return {"params": unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})}, unused
+
+
+def vit_from_original_npz(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
+  """Original ViT / AugReg .npz (Transformer/encoderblock_i/...) -> timm keys -> our layout."""
+  timm: dict[str, np.ndarray] = {}
+  unused = []
+  for key, value in state.items():
+    if key == "cls":
+      timm["cls_token"] = value
+    elif key == "Transformer/posembed_input/pos_embedding":
+      timm["pos_embed"] = value
+    elif key == "embedding/kernel":
+      timm["patch_embed.proj.weight"] = value.transpose(3, 2, 0, 1)
+    elif key == "embedding/bias":
+      timm["patch_embed.proj.bias"] = value
+    elif key.startswith("Transformer/encoder_norm/"):
+      timm[f"norm.{'weight' if key.endswith('scale') else 'bias'}"] = value
+    elif match := re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", key):
+      index, rest = match.groups()
+      prefix = f"blocks.{index}."
+      if rest.startswith("LayerNorm_0/") or rest.startswith("LayerNorm_2/"):
+        norm = "norm1" if rest.startswith("LayerNorm_0") else "norm2"
+        timm[prefix + f"{norm}.{'weight' if rest.endswith('scale') else 'bias'}"] = value
+      elif rest.startswith("MlpBlock_3/Dense_"):
+        fc = "fc1" if "Dense_0" in rest else "fc2"
+        timm[prefix + f"mlp.{fc}.{'weight' if rest.endswith('kernel') else 'bias'}"] = (
+            value.T if rest.endswith("kernel") else value)
+      elif rest.startswith("MultiHeadDotProductAttention_1/"):
+        continue  # gathered below: q, k, v are fused into one qkv projection
+      else:
+        unused.append(key)
+    else:
+      unused.append(key)
+  blocks = sorted({int(m.group(1)) for k in state
+                   if (m := re.match(r"Transformer/encoderblock_(\d+)/MultiHead", k))})
+  for index in blocks:
+    base = f"Transformer/encoderblock_{index}/MultiHeadDotProductAttention_1/"
+    # query/key/value kernels [D, heads, head_dim]; out kernel [heads, head_dim, D].
+    kernels = [state[f"{base}{n}/kernel"].reshape(state[f"{base}{n}/kernel"].shape[0], -1)
+               for n in ("query", "key", "value")]
+    biases = [state[f"{base}{n}/bias"].reshape(-1) for n in ("query", "key", "value")]
+    timm[f"blocks.{index}.attn.qkv.weight"] = np.concatenate(kernels, axis=1).T
+    timm[f"blocks.{index}.attn.qkv.bias"] = np.concatenate(biases)
+    out = state[f"{base}out/kernel"]
+    timm[f"blocks.{index}.attn.proj.weight"] = out.reshape(-1, out.shape[-1]).T
+    timm[f"blocks.{index}.attn.proj.bias"] = state[f"{base}out/bias"]
+  tree, more_unused = vit_from_timm(timm)
+  return tree, unused + more_unused
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting pretrained weights into a model's variables.
+# ---------------------------------------------------------------------------------------------
+
+
+def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, grid: tuple[int, int]
+                     ) -> np.ndarray:
+  """[1, 1 + g*g, D] (square pretraining grid) -> [1, 1 + h*w, D] by bilinear resampling."""
+  import jax
+
+  cls, tokens = pos_embed[:, :1], pos_embed[:, 1:]
+  side = int(round(np.sqrt(tokens.shape[1])))
+  if side * side != tokens.shape[1] or grid[0] * grid[1] + 1 != num_tokens:
+    raise UserError(f"pos_embed: cannot resize {pos_embed.shape} to {num_tokens} tokens")
+  grid_tokens = tokens.reshape(1, side, side, -1)
+  resized = jax.image.resize(grid_tokens, (1, *grid, tokens.shape[-1]), "bilinear",
+                             antialias=False)
+  return np.concatenate([cls, np.asarray(resized).reshape(1, -1, tokens.shape[-1])], axis=1)
+
+
+def merge_pretrained(variables: Tree, pretrained: Tree, source: str,
+                     token_grid: tuple[int, int] | None = None) -> tuple[Tree, list[str]]:
+  """Overwrites every leaf of `variables` that `pretrained` holds.
+
+  Returns (new variables, model leaves left as initialised). A pretrained leaf the model lacks,
+  or one of another shape, stops with one line naming it and both shapes (a position embedding
+  of another token count is resampled to `token_grid` instead).
+  """
+  flat_model = flatten(variables)
+  flat_new = dict(flat_model)
+  for path, value in flatten(pretrained).items():
+    if path not in flat_model:
+      raise UserError(f"{source}: parameter {path} {tuple(value.shape)} does not exist in this "
+                      "model (wrong architecture or depth?)")
+    want = tuple(flat_model[path].shape)
+    if tuple(value.shape) != want:
+      if path.endswith("pos_embed") and token_grid is not None and value.shape[-1] == want[-1]:
+        value = resize_pos_embed(value, want[1], token_grid)
+      else:
+        raise UserError(f"{source}: parameter {path} has shape {tuple(value.shape)} but the "
+                        f"model expects {want}")
+    flat_new[path] = np.asarray(value, flat_model[path].dtype)
+  kept = sorted(set(flat_model) - set(flatten(pretrained)))
+  return unflatten(flat_new), kept
+
+
+ARCHS = {"resnet50": resnet_from_torch, "resnet101": resnet_from_torch, "vit": None}
+
+
+def convert(arch: str, src: str, out: str) -> list[str]:
+  """Converts `src` into `out`; returns the unused source keys."""
+  state = load_source(src)
+  if arch.startswith("resnet"):
+    variables, unused = resnet_from_torch(state)
+  elif arch == "vit":
+    is_original = any(k.startswith("Transformer/") for k in state)
+    variables, unused = (vit_from_original_npz if is_original else vit_from_timm)(state)
+  else:
+    raise UserError(f"--arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+  if not flatten(variables):
+    raise UserError(f"--src: {src} has no {arch} parameters (first keys: "
+                    f"{sorted(state)[:3]})")
+  save(out, variables)
+  return unused
+
+
+def main(argv: list[str] | None = None) -> None:
+  import argparse
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
+  parser.add_argument("--src", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  try:
+    unused = convert(args.arch, args.src, args.out)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  variables = load(args.out)
+  count = sum(v.size for v in flatten(variables.get("params", {})).values())
+  print(f"Wrote {args.out}: {count:,} parameters ({count / 1e6:.1f}M).")
+  if unused:
+    print(f"Unused source keys ({len(unused)}): {', '.join(unused)}")
+
+
+if __name__ == "__main__":
+  main()

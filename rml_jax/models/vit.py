@@ -1,0 +1,92 @@
+"""ViT encoder (ViT-B/16, ViT-L/16 and small CPU variants) with timm's module names.
+
+Names follow timm (`patch_embed`, `cls_token`, `pos_embed`, `blocks_3.attn.qkv`, `blocks_3.mlp.fc1`,
+`norm`), so a timm state dict maps onto the params one to one (rml_jax/convert.py). The position
+embedding is a parameter at this model's token grid; pretrained embeddings made for another grid
+are interpolated when imported.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rml_jax.models.resnet import drop_path
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection. [N, T, D] -> [N, T, D]."""
+
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, t, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, T, head_dim]
+    weights = jax.nn.softmax((q @ k.swapaxes(-1, -2)) * head_dim**-0.5, axis=-1)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(n, t, d)
+    return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), approximate=False)
+    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; stochastic depth on both residual branches."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  survival_prob: float = 1.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    deterministic = not train or self.survival_prob >= 1.0
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)  # noqa: E731
+    branch = Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
+    rng = None if deterministic else self.make_rng("dropout")
+    x = x + drop_path(branch, self.survival_prob, deterministic, rng)
+    branch = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(norm("norm2")(x))
+    rng = None if deterministic else self.make_rng("dropout")
+    return x + drop_path(branch, self.survival_prob, deterministic, rng)
+
+
+class VisionTransformer(nn.Module):
+  """[N, H, W, 3] -> token grid [N, H / patch, W / patch, D] (the class token is dropped)."""
+
+  patch_size: int = 16
+  hidden_size: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  survival_prob: float = 1.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    p = self.patch_size
+    x = nn.Conv(self.hidden_size, (p, p), strides=p, padding="VALID", dtype=self.dtype,
+                name="patch_embed")(images)
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d)
+    cls = self.param("cls_token", nn.initializers.zeros, (1, 1, d))
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + h * w, d))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1) + pos
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.survival_prob, self.dtype,
+                name=f"blocks_{i}")(x, train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    return x[:, 1:].reshape(n, h, w, d)

@@ -1,0 +1,210 @@
+"""Weight import: torchvision-layout ResNets and timm / original-layout ViTs give the same
+features in Flax as in torch; mismatching checkpoints stop with one clear line."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rml_jax import convert
+from rml_jax.errors import UserError
+from rml_jax.models.resnet import ResNet
+from rml_jax.models.vit import VisionTransformer
+
+torch = pytest.importorskip("torch")
+from tests import torch_reference  # noqa: E402  (needs torch)
+
+DEEPLAB = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+PLAIN = dict(strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1))
+
+
+def _relative_error(got, want):
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def _state_dict(model):
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("layers,name", [((3, 4, 6, 3), "resnet50"),
+                                         ((3, 4, 23, 3), "resnet101")])
+@pytest.mark.parametrize("geometry", ["plain", "dilated"])
+def test_resnet_import_matches_torch(layers, name, geometry):
+  shape = DEEPLAB if geometry == "dilated" else PLAIN
+  torch.manual_seed(0)
+  reference = torch_reference.ResNet(layers, **shape).eval()
+  torch_reference.randomize_batch_norm(reference)
+  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+
+  variables, unused = convert.resnet_from_torch(_state_dict(reference))
+  assert sorted(unused) == sorted(["fc.weight", "fc.bias"] + [
+      k for k in reference.state_dict() if k.endswith("num_batches_tracked")])
+  model = ResNet(stage_sizes=layers, **shape)
+  init = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  merged, kept = convert.merge_pretrained(
+      {"params": {"backbone": init["params"]}, "batch_stats": {"backbone": init["batch_stats"]}},
+      variables, name)
+  assert kept == []  # every backbone tensor came from the checkpoint
+  got = model.apply({"params": merged["params"]["backbone"],
+                     "batch_stats": merged["batch_stats"]["backbone"]}, images, train=False)
+  assert got.shape == want.shape
+  error = _relative_error(np.asarray(got), want)
+  assert error < 1e-4, error
+  count = sum(v.size for v in jax.tree.leaves(init["params"]))
+  published = {"resnet50": 23.5e6, "resnet101": 42.5e6}[name]  # torchvision, without fc
+  print(f"{name} backbone: {count / 1e6:.2f}M parameters (published about "
+        f"{published / 1e6:.1f}M)")
+  assert abs(count - published) / published < 0.01
+
+
+def _vit_pair():
+  torch.manual_seed(1)
+  reference = torch_reference.VisionTransformer(image_size=(32, 48), patch=8, dim=48, depth=2,
+                                                heads=4).eval()
+  model = VisionTransformer(patch_size=8, hidden_size=48, depth=2, num_heads=4)
+  return reference, model
+
+
+def test_vit_import_from_timm_layout_matches_torch():
+  reference, model = _vit_pair()
+  images = np.random.default_rng(1).normal(size=(2, 32, 48, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  variables, unused = convert.vit_from_timm(_state_dict(reference))
+  assert sorted(unused) == ["head.bias", "head.weight"]
+  init = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 3)), train=False)
+  merged, kept = convert.merge_pretrained({"params": {"encoder": init["params"]}}, variables,
+                                          "vit")
+  assert kept == []
+  got = np.asarray(model.apply({"params": merged["params"]["encoder"]}, images, train=False))
+  assert got.shape == want.shape == (2, 4, 6, 48)
+  assert _relative_error(got, want) < 1e-4
+
+
+def _to_original_layout(state, heads):
+  """timm keys -> the original ViT .npz layout (written independently of convert.py)."""
+  out = {"cls": state["cls_token"], "Transformer/posembed_input/pos_embedding": state["pos_embed"],
+         "embedding/kernel": state["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": state["patch_embed.proj.bias"],
+         "Transformer/encoder_norm/scale": state["norm.weight"],
+         "Transformer/encoder_norm/bias": state["norm.bias"]}
+  blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+  for i in blocks:
+    b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+    out[p + "LayerNorm_0/scale"], out[p + "LayerNorm_0/bias"] = (state[b + "norm1.weight"],
+                                                                 state[b + "norm1.bias"])
+    out[p + "LayerNorm_2/scale"], out[p + "LayerNorm_2/bias"] = (state[b + "norm2.weight"],
+                                                                 state[b + "norm2.bias"])
+    for j, fc in enumerate(("fc1", "fc2")):
+      out[p + f"MlpBlock_3/Dense_{j}/kernel"] = state[b + f"mlp.{fc}.weight"].T
+      out[p + f"MlpBlock_3/Dense_{j}/bias"] = state[b + f"mlp.{fc}.bias"]
+    qkv_w, qkv_b = state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"]
+    d = qkv_w.shape[1]
+    for j, n in enumerate(("query", "key", "value")):
+      attn = p + f"MultiHeadDotProductAttention_1/{n}/"
+      out[attn + "kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, heads, d // heads)
+      out[attn + "bias"] = qkv_b[j * d:(j + 1) * d].reshape(heads, d // heads)
+    attn = p + "MultiHeadDotProductAttention_1/out/"
+    out[attn + "kernel"] = state[b + "attn.proj.weight"].T.reshape(heads, d // heads, d)
+    out[attn + "bias"] = state[b + "attn.proj.bias"]
+  return out
+
+
+def test_original_vit_npz_layout_converts_like_timm(tmp_path):
+  reference, _ = _vit_pair()
+  state = _state_dict(reference)
+  path = str(tmp_path / "original.npz")
+  np.savez(path, **_to_original_layout(state, heads=4))
+  unused = convert.convert("vit", path, str(tmp_path / "converted.npz"))
+  assert unused == []
+  from_original = convert.flatten(convert.load(str(tmp_path / "converted.npz")))
+  from_timm = convert.flatten(convert.vit_from_timm(state)[0])
+  assert sorted(from_original) == sorted(from_timm)
+  for key in from_timm:
+    np.testing.assert_allclose(from_original[key], from_timm[key], rtol=1e-6, atol=1e-7)
+
+
+def test_position_embedding_is_resampled_to_the_crop_grid():
+  reference, _ = _vit_pair()  # trained at a 4 x 6 grid
+  state = _state_dict(reference)
+  square = np.concatenate([state["pos_embed"][:, :1],
+                           np.random.default_rng(2).normal(size=(1, 16, 48))], 1)
+  state["pos_embed"] = square.astype(np.float32)  # a 4 x 4 pretraining grid
+  model = VisionTransformer(patch_size=8, hidden_size=48, depth=2, num_heads=4)
+  init = model.init(jax.random.key(0), jnp.zeros((1, 32, 64, 3)), train=False)  # 4 x 8 grid
+  merged, _ = convert.merge_pretrained({"params": {"encoder": init["params"]}},
+                                       convert.vit_from_timm(state)[0], "vit", (4, 8))
+  pos = merged["params"]["encoder"]["pos_embed"]
+  assert pos.shape == (1, 33, 48)
+  grid = torch.from_numpy(square[:, 1:].reshape(1, 4, 4, 48)).permute(0, 3, 1, 2)
+  want = torch.nn.functional.interpolate(grid, size=(4, 8), mode="bilinear",
+                                         align_corners=False)
+  np.testing.assert_allclose(pos[0, 1:], want.permute(0, 2, 3, 1).reshape(32, 48).numpy(),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(pos[0, 0], square[0, 0])
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
+  torch.manual_seed(0)
+  variables, _ = convert.resnet_from_torch(_state_dict(torch_reference.ResNet((3, 4, 6, 3))))
+  model = ResNet(stage_sizes=(3, 4, 6, 3), base_width=32)  # half width: every conv differs
+  init = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  target = {"params": {"backbone": init["params"]},
+            "batch_stats": {"backbone": init["batch_stats"]}}
+  with pytest.raises(UserError, match=r"r50.npz: parameter .* has shape \(.*\) but the model "
+                                      r"expects \(.*\)"):
+    convert.merge_pretrained(target, variables, "r50.npz")
+  deeper, _ = convert.resnet_from_torch(_state_dict(torch_reference.ResNet((3, 4, 23, 3))))
+  shallow = ResNet(stage_sizes=(3, 4, 6, 3))
+  init = shallow.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  with pytest.raises(UserError, match="layer3_6.* does not exist in this model"):
+    convert.merge_pretrained({"params": {"backbone": init["params"]},
+                              "batch_stats": {"backbone": init["batch_stats"]}}, deeper, "r101")
+
+
+def test_convert_cli_writes_a_file_and_reports_unused_keys(tmp_path, capsys):
+  from safetensors.numpy import save_file
+
+  reference, _ = _vit_pair()
+  src = str(tmp_path / "vit.safetensors")
+  save_file(_state_dict(reference), src)
+  convert.main(["--arch=vit", f"--src={src}", f"--out={tmp_path / 'vit.npz'}"])
+  out = capsys.readouterr().out
+  assert "Unused source keys (2): head.bias, head.weight" in out  # listed, never dropped
+  assert (tmp_path / "vit.npz").exists()
+  with pytest.raises(SystemExit):
+    convert.main(["--arch=vit", f"--src={tmp_path / 'missing.pth'}", "--out=x.npz"])
+  assert "does not exist" in capsys.readouterr().err
+
+
+def test_init_from_loads_both_students_and_teachers(data_dir, tmp_path):
+  from rml_jax import train
+  from tests.conftest import tiny_config
+
+  torch.manual_seed(3)
+  reference = torch_reference.ResNet((1, 1, 1, 1), strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2),
+                                     width=8)  # deeplabv2_tiny's trunk
+  torch_reference.randomize_batch_norm(reference)
+  path = str(tmp_path / "tiny.npz")
+  convert.save(path, convert.resnet_from_torch(_state_dict(reference))[0])
+  run = train.Run.create(tiny_config(data_dir, f"model.init_from={path}"), str(tmp_path / "run"))
+  loaded = jax.device_get(run.initial_state())
+  scratch = train.Run.create(tiny_config(data_dir), str(tmp_path / "scratch"))
+  fresh = jax.device_get(scratch.initial_state())
+  want = convert.flatten(convert.load(path))
+  for learner, fresh_learner in ((loaded.learner_a, fresh.learner_a),
+                                 (loaded.learner_b, fresh.learner_b)):
+    for collection, student, teacher in (("params", learner.params, learner.ema_params),
+                                         ("batch_stats", learner.batch_stats,
+                                          learner.ema_batch_stats)):
+      got_student = convert.flatten({collection: student})
+      got_teacher = convert.flatten({collection: teacher})
+      for key, value in want.items():
+        if key.startswith(collection):
+          np.testing.assert_array_equal(got_student[key], value)
+          np.testing.assert_array_equal(got_teacher[key], value)
+    # The head is not in the file: it keeps its seeded initialisation.
+    np.testing.assert_array_equal(learner.params["head"]["branch0"]["kernel"],
+                                  fresh_learner.params["head"]["branch0"]["kernel"])
