@@ -208,3 +208,18 @@ def test_init_from_loads_both_students_and_teachers(data_dir, tmp_path):
     # The head is not in the file: it keeps its seeded initialisation.
     np.testing.assert_array_equal(learner.params["head"]["branch0"]["kernel"],
                                   fresh_learner.params["head"]["branch0"]["kernel"])
+
+
+@pytest.mark.parametrize("name,published", [("setr_naive_vit_b16", 86e6),
+                                            ("setr_pup_vit_l16", 304e6)])
+def test_vit_encoder_sizes_match_the_published_ones(name, published):
+  import ml_collections
+
+  from rml_jax import models
+
+  model = models.build_model(ml_collections.ConfigDict(dict(name=name)), 19)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1, 224, 224, 3)))
+  encoder = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes["params"]["encoder"]))
+  print(f"{name} encoder: {encoder / 1e6:.1f}M parameters (published about "
+        f"{published / 1e6:.0f}M)")
+  assert abs(encoder - published) / published < 0.01
