@@ -1,0 +1,194 @@
+"""Benchmark of a config's train step on the current devices:
+
+  python -m rml_jax.bench --config=configs/digits.py [--steps=30] [--json=bench.json]
+
+Prints compile time, step time (median over --steps after --warmup), images/s, FLOPs per step
+(XLA cost analysis) and achieved FLOP/s, the device's measured peak (a large matmul and a large
+convolution timed in the same run) and the ratio, peak memory where the device reports it, and
+the input pipeline's images/s on its own. Writes the same as JSON. Random weights, synthetic
+batches of the config's shapes (the input pipeline is timed separately on the real data).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from rml_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=False)
+  flags.DEFINE_integer("steps", 30, "Timed steps.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_integer("input_batches", 50, "Batches drawn to time the input pipeline.")
+  flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.mark_flags_as_required(["config"])
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> dict:
+  """A batch of the config's shapes and dtypes (see input_pipeline's layout)."""
+  h, w = config.data.crop_size
+  bl, bu = config.labeled_batch_size, config.unlabeled_batch_size
+  image = lambda n: rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)  # noqa: E731
+  batch = {"labeled": {"image": image(bl), "label": rng.integers(0, 2, (bl, h, w)).astype(
+      np.int32)}}
+  if config.rml.mode != "supervised":
+    batch["unlabeled"] = {"weak": image(bu), "strong": image(bu), "valid": np.ones((bu, h, w),
+                                                                                   bool),
+                          "label": np.full((bu, h, w), 255, np.int32)}
+  return batch
+
+
+def _timed(fn, *args, repeats: int = 5) -> float:
+  """Median seconds of fn(*args) (blocking on the result) over `repeats` calls."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measured_peak(dtype: str = "float32") -> dict[str, float]:
+  """FLOP/s of a large matmul and a large 3x3 convolution on the default device."""
+  import jax
+  import jax.numpy as jnp
+
+  on_cpu = jax.devices()[0].platform == "cpu"
+  n = 1024 if on_cpu else 8192
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul_s = _timed(matmul, a, a)
+  batch, size, channels = (8, 56, 128) if on_cpu else (64, 56, 256)
+  x = jnp.ones((batch, size, size, channels), dtype)
+  kernel = jnp.ones((3, 3, channels, channels), dtype)
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  conv_s = _timed(conv, x, kernel)
+  conv_flops = 2 * batch * size * size * channels * channels * 9
+  return {"matmul_flops_per_s": 2 * n**3 / matmul_s, "conv_flops_per_s": conv_flops / conv_s}
+
+
+def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
+  import jax
+
+  from rml_jax import datasets, input_pipeline, sharding, state, step
+
+  num_classes = len(datasets.class_names(config.data))
+  mesh = sharding.create_mesh(config.mesh)
+  step_config = step.StepConfig.from_config(config, num_classes)
+  init_fn = state.make_init_fn(config, num_classes)
+  _, shardings = state.abstract_train_state(init_fn, mesh)
+  train_fn, _, _ = step.jit_steps(step_config, shardings, mesh)
+  train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
+  batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), mesh)
+
+  start = time.perf_counter()
+  compiled = train_fn.lower(train_state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+  for _ in range(warmup):
+    train_state, metrics = compiled(train_state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    begin = time.perf_counter()
+    train_state, metrics = compiled(train_state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - begin)
+  step_s = statistics.median(times)
+  images = config.labeled_batch_size + (
+      config.unlabeled_batch_size if config.rml.mode != "supervised" else 0)
+
+  memory = None
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    memory = stats["peak_bytes_in_use"]
+
+  input_images_per_s = None
+  if input_batches > 0:
+    sources = datasets.data_sources(config.data)
+    labeled, unlabeled = datasets.labeled_indices(len(sources["train"]),
+                                                  config.data.labeled_fraction,
+                                                  config.data.split_seed)
+    iterator = input_pipeline.train_iterator(config, sources["train"], labeled, unlabeled,
+                                             config.rml.mode != "supervised")
+    next(iterator)  # worker start-up is not throughput
+    begin = time.perf_counter()
+    for _ in range(input_batches):
+      next(iterator)
+    input_images_per_s = input_batches * images / (time.perf_counter() - begin)
+    if hasattr(iterator, "close"):
+      iterator.close()
+
+  peak = measured_peak()
+  achieved = flops / step_s
+  return {
+      "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+      "config": {"model_a": config.model.name, "model_b": config.model_b.name or
+                 config.model.name, "mode": config.rml.mode,
+                 "crop_size": list(config.data.crop_size), "images_per_step": images},
+      "compile_s": compile_s, "step_s_median": step_s, "images_per_s": images / step_s,
+      "flops_per_step": flops, "achieved_flops_per_s": achieved,
+      "peak_matmul_flops_per_s": peak["matmul_flops_per_s"],
+      "peak_conv_flops_per_s": peak["conv_flops_per_s"],
+      "fraction_of_matmul_peak": achieved / peak["matmul_flops_per_s"],
+      "peak_memory_bytes": memory, "input_pipeline_images_per_s": input_images_per_s,
+  }
+
+
+def format_report(result: dict) -> str:
+  giga = lambda x: f"{x / 1e9:.2f} GFLOP/s"  # noqa: E731
+  lines = [
+      f"device: {result['device']} x{result['num_devices']}; {result['config']}",
+      f"compile: {result['compile_s']:.1f} s",
+      f"step: {result['step_s_median'] * 1e3:.1f} ms median -> "
+      f"{result['images_per_s']:.1f} images/s",
+      f"FLOPs per step: {result['flops_per_step'] / 1e9:.2f} GFLOP; achieved "
+      f"{giga(result['achieved_flops_per_s'])}",
+      f"measured peak: matmul {giga(result['peak_matmul_flops_per_s'])}, conv "
+      f"{giga(result['peak_conv_flops_per_s'])}; step / matmul peak = "
+      f"{result['fraction_of_matmul_peak']:.1%}",
+      "peak memory: " + (f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
+                         if result["peak_memory_bytes"] else "not reported by this device"),
+  ]
+  if result["input_pipeline_images_per_s"] is not None:
+    lines.append(f"input pipeline alone: {result['input_pipeline_images_per_s']:.0f} images/s")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.input_batches)
+  print(format_report(result), flush=True)
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+def run():
+  define_flags()
+  try:
+    app.run(main)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,23 @@
+"""The benchmark script: consistent figures for the tiny config, JSON output."""
+
+import json
+
+from rml_jax import bench
+from tests.conftest import tiny_config
+
+
+def test_benchmark_figures_are_consistent(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  result = bench.benchmark(config, steps=3, warmup=1, input_batches=3)
+  images = config.labeled_batch_size + config.unlabeled_batch_size
+  assert result["config"]["images_per_step"] == images
+  assert abs(result["images_per_s"] * result["step_s_median"] - images) < 1e-6
+  assert result["flops_per_step"] > 1e6  # two students fwd+bwd and two teachers fwd
+  assert abs(result["achieved_flops_per_s"] * result["step_s_median"]
+             - result["flops_per_step"]) < 1e-3 * result["flops_per_step"]
+  assert result["peak_matmul_flops_per_s"] > 1e8 and result["input_pipeline_images_per_s"] > 0
+  report = bench.format_report(result)
+  assert "images/s" in report and "GFLOP" in report
+  path = tmp_path / "bench.json"
+  path.write_text(json.dumps(result))
+  assert json.loads(path.read_text())["compile_s"] == result["compile_s"]
