@@ -14,9 +14,10 @@ from rml_jax.errors import UserError
 BATCH_AXES = ("data", "fsdp")
 
 
-def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-  """A ("data", "fsdp") mesh over all devices; config.mesh.data = -1 takes what fsdp leaves."""
-  devices = jax.devices()
+def create_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+  """A ("data", "fsdp") mesh over `devices` (default: all); config.mesh.data = -1 takes what
+  fsdp leaves."""
+  devices = jax.devices() if devices is None else devices
   fsdp = mesh_config.fsdp
   data = mesh_config.data if mesh_config.data > 0 else len(devices) // max(fsdp, 1)
   if data * fsdp != len(devices):
@@ -34,9 +35,30 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-  """Shardings for every leaf of the state: replicated (fsdp sharding comes with big ViTs)."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+FSDP_MIN_SIZE = 2**14  # leaves with fewer elements stay replicated
+
+
+def leaf_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = FSDP_MIN_SIZE
+                  ) -> NamedSharding:
+  """Replicated, or (for a big leaf on a mesh with fsdp > 1) split over "fsdp" along its
+  largest dimension that the fsdp size divides."""
+  fsdp = mesh.shape["fsdp"]
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return replicated(mesh)
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return NamedSharding(mesh, PartitionSpec(*spec))
+  return replicated(mesh)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
+  """Shardings for every leaf of the state: replicated on a mesh with fsdp = 1, otherwise big
+  parameters, optimizer moments and teacher weights are split over "fsdp" (ZeRO-3 style; XLA
+  gathers them where a step needs them)."""
+  return jax.tree.map(lambda leaf: leaf_sharding(tuple(getattr(leaf, "shape", ())), mesh,
+                                                 min_size), abstract_state)
 
 
 def to_global(batch: Any, mesh: Mesh) -> Any:

@@ -1,0 +1,78 @@
+"""Run under 8 fake CPU devices (tests/test_sharding.py): a few train steps and an eval step on
+one device and on several meshes, printing the largest differences as JSON."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from configs import digits
+from rml_jax import metrics as metrics_lib
+from rml_jax import sharding, state, step
+
+NUM_CLASSES = 11
+
+
+def _batch(seed, config):
+  rng = np.random.default_rng(seed)
+  h, w = config.data.crop_size
+  bl, bu = config.labeled_batch_size, config.unlabeled_batch_size
+  image = lambda n: rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)  # noqa: E731
+  return {"labeled": {"image": image(bl), "label": rng.integers(0, NUM_CLASSES, (bl, h, w))
+                      .astype(np.int32)},
+          "unlabeled": {"weak": image(bu), "strong": image(bu), "valid": np.ones((bu, h, w), bool),
+                        "label": rng.integers(0, NUM_CLASSES, (bu, h, w)).astype(np.int32)}}
+
+
+def run(config, devices, fsdp: int, steps: int = 3):
+  config.mesh.fsdp = fsdp
+  config.mesh.data = len(devices) // fsdp
+  mesh = sharding.create_mesh(config.mesh, devices)
+  init_fn = state.make_init_fn(config, NUM_CLASSES)
+  _, shardings = state.abstract_train_state(init_fn, mesh)
+  cfg = step.StepConfig.from_config(config, NUM_CLASSES)
+  train_fn, eval_fn, _ = step.jit_steps(cfg, shardings, mesh)
+  train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
+  sharded = sum(1 for s in jax.tree.leaves(shardings) if any(s.spec))
+  history = []
+  for i in range(steps):
+    train_state, metrics = train_fn(train_state, sharding.to_global(_batch(i, config), mesh))
+    history.append(jax.device_get(metrics))
+  eval_batch = _batch(99, config)["labeled"]
+  matrices = eval_fn(train_state, sharding.to_global(eval_batch, mesh))
+  miou = {k: metrics_lib.mean_iou(jax.device_get(v.matrix)) for k, v in matrices.items()}
+  final = jax.device_get(train_state.replace(rng=jax.random.key_data(train_state.rng)))
+  return final, history, miou, sharded
+
+
+def main():
+  mode = sys.argv[1]  # "rml" or "iml"
+  config = digits.get_config(f"tiny,mode={mode},optimizer.name=sgd,optimizer.learning_rate=0.01,"
+                             "optimizer.warmup_steps=0,rml.threshold=0.0")
+  config.labeled_batch_size = config.unlabeled_batch_size = 8
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+  reference = run(config.copy_and_resolve_references(), devices[:1], 1, steps)
+  report = {}
+  for data, fsdp in ((8, 1), (4, 2)):
+    final, history, miou, sharded = run(config.copy_and_resolve_references(), devices, fsdp,
+                                        steps)
+    # Largest absolute difference over the state's leaves (integer leaves must be equal).
+    diffs = []
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(reference[0]),
+                            jax.tree.leaves(final)):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      diffs.append((float(np.max(np.abs(a - b))) if a.size else 0.0, jax.tree_util.keystr(path)))
+    state_diff, worst = max(diffs)
+    metric_diff = max(abs(float(h[k]) - float(r[k])) / max(abs(float(r[k])), 1.0)
+                      for h, r in zip(history, reference[1]) for k in r)
+    report[f"{data}x{fsdp}"] = {"state_max_abs_diff": state_diff, "worst_leaf": worst,
+                                "metric_max_rel_diff": metric_diff, "sharded_leaves": sharded,
+                                "miou": miou, "reference_miou": reference[2]}
+  print("RESULT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
