@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       name="digit_scenes",
       data_dir="",  # "" = TFDS default (~/tensorflow_datasets)
-      prepare=True,  # generate the dataset when it is not there yet (about 40 s)
+      prepare=True,  # generate the dataset when it is not there yet (about 20 s)
       train_split="train",
       val_split="val",
       labeled_fraction=1 / 16,  # 256 labeled scenes, 3840 unlabeled

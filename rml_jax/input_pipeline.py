@@ -4,7 +4,9 @@ Train batches are a dict
   {'labeled':   {'image': [Bl, h, w, 3] uint8, 'label': [Bl, h, w] int32 (255 = ignore)},
    'unlabeled': {'weak': [Bu, h, w, 3] uint8, 'strong': [Bu, h, w, 3] uint8,
                  'valid': [Bu, h, w] bool (False on padding), 'label': [Bu, h, w] int32
-                 (hidden ground truth, only for pseudo-label accuracy; 255 where unknown)}}
+                 (hidden ground truth, only for pseudo-label accuracy; 255 where unknown),
+                 in later stages also 'soft_classes', 'soft_probs': [Bu, h, w, 2k] uint8
+                 (the stored top-k soft labels of teachers a and b, soft_labels.py)}}
 with per-process batch sizes; the two streams are zipped into one grain iterator, so one
 iterator state checkpoints both.
 """
