@@ -130,3 +130,17 @@ def test_heterogeneous_pair_deeplab_and_setr_trains(data_dir, tmp_path):
   assert not _same(after["encoder"], initial.learner_b.params["encoder"])
   # SETR's features are the decoder's input of its classifier: prototypes have that width.
   assert new_state.learner_b.prototypes.shape == (run.num_classes, 64)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32(data_dir, tmp_path):
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    run = _run(data_dir, tmp_path / dtype, "iml", f",dtype={dtype}")
+    new_state, metrics = run.train_fn(_state_with(run, None),
+                                      sharding.to_global(_batch(), run.mesh))
+    leaves = jax.tree.leaves(jax.device_get(new_state.learner_a.params))
+    assert all(leaf.dtype == np.float32 for leaf in leaves)  # float32 params and updates
+    results[dtype] = float(metrics["sup_loss_a"])
+  # Same initial weights, so the first loss differs only by bfloat16 rounding.
+  assert results["bfloat16"] == pytest.approx(results["float32"], rel=2e-2)
+  assert results["bfloat16"] != results["float32"]  # the compute really ran in bfloat16
