@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from rml_jax.errors import UserError
+from rml_jax.errors import run_program
 
 FLAGS = flags.FLAGS
 
@@ -183,11 +182,7 @@ def main(argv):
 
 def run():
   define_flags()
-  try:
-    app.run(main)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  run_program(main)
 
 
 if __name__ == "__main__":

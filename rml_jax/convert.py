@@ -263,7 +263,7 @@ def merge_pretrained(variables: Tree, pretrained: Tree, source: str,
   return unflatten(flat_new), kept
 
 
-ARCHS = {"resnet50": resnet_from_torch, "resnet101": resnet_from_torch, "vit": None}
+ARCHS = ("resnet50", "resnet101", "vit")
 
 
 def convert(arch: str, src: str, out: str) -> list[str]:

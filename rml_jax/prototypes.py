@@ -46,6 +46,11 @@ def update_prototypes(prototypes: jax.Array, features: jax.Array, labels: jax.Ar
     [K, C] float32; a class with no pixel in the batch keeps its old prototype.
   """
   means, counts = class_means(features, labels, prototypes.shape[0])
+  return _moving_average(prototypes, means, counts, momentum)
+
+
+def _moving_average(prototypes, means, counts, momentum) -> jax.Array:
+  """Eq. 11 given the batch's class means [K, C] and pixel counts [K]."""
   moved = momentum * prototypes + (1.0 - momentum) * means
   return jnp.where((counts > 0)[:, None], moved, prototypes).astype(jnp.float32)
 
@@ -63,7 +68,7 @@ def update_prototypes_with_init(prototypes: jax.Array, initialized: jax.Array,
   """
   means, counts = class_means(features, labels, prototypes.shape[0])
   present = counts > 0
-  updated = update_prototypes(prototypes, features, labels, momentum)
+  updated = _moving_average(prototypes, means, counts, momentum)  # one pass over the features
   first_seen = present & ~initialized
   prototypes = jnp.where(first_seen[:, None], means, updated)
   return prototypes.astype(jnp.float32), initialized | present

@@ -13,15 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rml_jax.config_args import apply_overrides
-from rml_jax.errors import UserError
+from rml_jax.errors import UserError, run_program
 
 FULL_NOISE = "model.dropout_rate=0.5,model.survival_prob=0.8"  # the paper's model noise
 NO_INPUT_NOISE = "augment.num_ops=0,augment.cutmix_prob=0.0"  # strong view = weak view
@@ -128,7 +127,10 @@ def main(argv):
   unknown = [r for r in FLAGS.rungs if r not in RUNGS]
   if unknown:
     raise UserError(f"--rungs: unknown {unknown}; expected some of {list(RUNGS)}")
-  seeds = [int(s) for s in FLAGS.seeds]
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise UserError(f"--seeds: expected integers, got {FLAGS.seeds}") from None
   os.makedirs(FLAGS.out, exist_ok=True)
   rows = []
   for rung in FLAGS.rungs:
@@ -163,11 +165,7 @@ def main(argv):
 
 def run():
   define_flags()
-  try:
-    app.run(main)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  run_program(main)
 
 
 if __name__ == "__main__":
