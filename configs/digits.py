@@ -24,7 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train_split="train",
       val_split="val",
       labeled_fraction=1 / 16,  # 256 labeled scenes, 3840 unlabeled
+      split="",  # a folder of data/splits/digit_scenes/ ("" = a seeded labeled_fraction)
       split_seed=0,
+      resize=None,  # (h, w) every train image is resized to first (None = as stored)
       crop_size=(64, 64),
       scale_range=(0.75, 1.5),
       flip=False,  # digits are not mirror-symmetric
@@ -76,6 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prototype_temperature=1.0,  # eq. 9: softmax(-distance / temperature)
       rectify_start_step=0,  # rectify once every class has a prototype and from this step on
   ))
+  # Inference for eval, predict and stored soft labels: "whole" images (at eval.resize, None =
+  # as stored) or "sliding" windows (eval.window, default the crop; stride a fraction of it).
+  config.eval = ml_collections.ConfigDict(dict(
+      protocol="whole", window=None, stride=2 / 3, flip=False, resize=None, pad_to=None))
+  # --mode=predict: colour masks and overlays for a folder of images, from the latest checkpoint.
+  config.predict = ml_collections.ConfigDict(dict(
+      input="", output="", model="teacher_a", overlay_alpha=0.5))
   config.max_skipped_steps = 20  # stop when this many steps in a row are non-finite (0 = never)
   config.labeled_batch_size = 8
   config.unlabeled_batch_size = 8
@@ -89,7 +98,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_image_summaries = 4
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-  return apply_overrides(config, arg, presets={"tiny": _tiny})
+  return apply_overrides(config, arg, presets=presets())
+
+
+def presets() -> dict:
+  """Arg presets: `tiny`."""
+  return {"tiny": _tiny}
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:

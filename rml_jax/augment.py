@@ -14,14 +14,14 @@ from PIL import Image
 # ----------------------------------------------------------------------------------------------
 
 
-def _resize(array: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
+def resize(array: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
   """PIL resize of a [H, W] or [H, W, 3] uint8 array (bilinear, or nearest for label maps).
 
   Nearest-neighbour maps may have any number of channels ([H, W, C], resized channel by channel).
   """
   resample = Image.NEAREST if nearest else Image.BILINEAR
   if nearest and array.ndim == 3:
-    return np.stack([_resize(array[..., c], height, width, True)
+    return np.stack([resize(array[..., c], height, width, True)
                      for c in range(array.shape[-1])], axis=-1)
   return np.asarray(Image.fromarray(array).resize((width, height), resample))
 
@@ -39,8 +39,8 @@ def weak_geometry(rng: np.random.Generator, image: np.ndarray, maps: dict[str, n
   scale = rng.uniform(*scale_range)
   height = max(1, int(round(image.shape[0] * scale)))
   width = max(1, int(round(image.shape[1] * scale)))
-  image = _resize(image, height, width, nearest=False)
-  maps = {k: _resize(v, height, width, nearest=True) for k, v in maps.items()}
+  image = resize(image, height, width, nearest=False)
+  maps = {k: resize(v, height, width, nearest=True) for k, v in maps.items()}
   pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
   if pad_h or pad_w:
     image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))

@@ -122,10 +122,8 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
   input_images_per_s = None
   if input_batches > 0:
     sources = datasets.data_sources(config.data)
-    labeled, unlabeled = datasets.labeled_indices(len(sources["train"]),
-                                                  config.data.labeled_fraction,
-                                                  config.data.split_seed)
-    iterator = input_pipeline.train_iterator(config, sources["train"], labeled, unlabeled,
+    labeled, unlabeled = datasets.split(config.data, sources)
+    iterator = input_pipeline.train_iterator(config, sources.train, labeled, unlabeled,
                                              config.rml.mode != "supervised")
     next(iterator)  # worker start-up is not throughput
     begin = time.perf_counter()

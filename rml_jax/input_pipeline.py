@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from rml_jax import augment, soft_labels
+from rml_jax import augment, datasets, soft_labels
 from rml_jax.errors import UserError
 
 IGNORE = 255
@@ -40,25 +40,43 @@ def _label_map(example: dict[str, Any]) -> np.ndarray:
   return label[..., 0] if label.ndim == 3 else label
 
 
+def resize_example(image: np.ndarray, maps: dict[str, np.ndarray], size
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Resizes an image (bilinear) and its label maps (nearest) to size (h, w); None keeps them."""
+  if not size or tuple(image.shape[:2]) == tuple(size):
+    return image, maps
+  height, width = size
+  return (augment.resize(image, height, width, nearest=False),
+          {k: augment.resize(v, height, width, nearest=True) for k, v in maps.items()})
+
+
 def labeled_example(example: dict[str, Any], rng: np.random.Generator, *,
-                    crop_size, scale_range, flip) -> dict[str, np.ndarray]:
-  """Weak view of a labeled example: {'image' [h, w, 3] uint8, 'label' [h, w] int32}."""
-  image, maps = augment.weak_geometry(
-      rng, np.asarray(example["image"]), {"label": _label_map(example)}, tuple(crop_size),
-      tuple(scale_range), flip, {"label": IGNORE})
+                    crop_size, scale_range, flip, resize=None) -> dict[str, np.ndarray]:
+  """Weak view of a labeled example: {'image' [h, w, 3] uint8, 'label' [h, w] int32}.
+
+  resize: (H, W) every image is first resized to (the paper's Cityscapes 1024x512), or None.
+  """
+  image, maps = resize_example(np.asarray(example["image"]), {"label": _label_map(example)},
+                               resize)
+  image, maps = augment.weak_geometry(rng, image, maps, tuple(crop_size), tuple(scale_range),
+                                      flip, {"label": IGNORE})
   return {"image": image, "label": maps["label"].astype(np.int32)}
 
 
 def unlabeled_example(example: dict[str, Any], rng: np.random.Generator, *, crop_size,
-                      scale_range, flip, num_ops, magnitude_range, ops) -> dict[str, np.ndarray]:
+                      scale_range, flip, num_ops, magnitude_range, ops, resize=None
+                      ) -> dict[str, np.ndarray]:
   """A weak/strong pair with one geometry: the strong view is RandAugment of the weak one."""
   image = np.asarray(example["image"])
   maps = {"valid": np.ones(image.shape[:2], np.uint8)}
   maps["label"] = (_label_map(example) if "label" in example
                    else np.full(image.shape[:2], IGNORE, np.uint8))
   pad_values = {"valid": 0, "label": IGNORE}
+  image, maps = resize_example(image, maps, resize)
   if "soft_classes" in example:  # a later stage: the stored labels share the view's geometry
-    maps["soft_classes"], maps["soft_probs"] = example["soft_classes"], example["soft_probs"]
+    height, width = image.shape[:2]  # stored padded to a common size: the image's part
+    maps["soft_classes"] = example["soft_classes"][:height, :width]
+    maps["soft_probs"] = example["soft_probs"][:height, :width]
     pad_values.update(soft_classes=0, soft_probs=0)
   weak, maps = augment.weak_geometry(rng, image, maps, tuple(crop_size), tuple(scale_range),
                                      flip, pad_values)
@@ -90,17 +108,18 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
   come with each unlabeled view as 'soft_classes' / 'soft_probs' [h, w, 2k] uint8.
   """
   data = config.data
-  labeled = _process_shard(grain.MapDataset.source(_Subset(source, labeled_idx)))
+  labeled = _process_shard(grain.MapDataset.source(datasets.Subset(source, labeled_idx)))
   labeled = (labeled.shuffle(seed=config.seed).repeat(None)
              .random_map(functools.partial(labeled_example, crop_size=data.crop_size,
-                                           scale_range=data.scale_range, flip=data.flip),
+                                           scale_range=data.scale_range, flip=data.flip,
+                                           resize=_size(data.get("resize"))),
                          seed=config.seed)
              .batch(_per_process(config.labeled_batch_size, "labeled_batch_size"),
                     drop_remainder=True))
   streams = {"labeled": labeled}
   if with_unlabeled:
     strong = config.augment
-    unlabeled_source = _Subset(source, unlabeled_idx)
+    unlabeled_source = datasets.Subset(source, unlabeled_idx)
     if stored_labels is not None:
       unlabeled_source = _WithStoredLabels(unlabeled_source, stored_labels)
     unlabeled = _process_shard(grain.MapDataset.source(unlabeled_source))
@@ -108,7 +127,8 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
                  .random_map(functools.partial(
                      unlabeled_example, crop_size=data.crop_size, scale_range=data.scale_range,
                      flip=data.flip, num_ops=strong.num_ops,
-                     magnitude_range=strong.magnitude_range, ops=tuple(strong.ops)),
+                     magnitude_range=strong.magnitude_range, ops=tuple(strong.ops),
+                     resize=_size(data.get("resize"))),
                      seed=config.seed + 1)
                  .batch(_per_process(config.unlabeled_batch_size, "unlabeled_batch_size"),
                         drop_remainder=True))
@@ -121,20 +141,6 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
 
 def _as_dict(batches: tuple, names: tuple[str, ...]) -> dict[str, Any]:
   return dict(zip(names, batches))
-
-
-class _Subset:
-  """A random-access view of `source` at `indices` (picklable for grain workers)."""
-
-  def __init__(self, source, indices: np.ndarray):
-    self._source = source
-    self._indices = np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int):
-    return self._source[int(self._indices[index])]
 
 
 class _WithStoredLabels:
@@ -174,16 +180,20 @@ def train_iterator(config: ml_collections.ConfigDict, source, labeled_idx: np.nd
   return iter(dataset)
 
 
-def eval_batches(config: ml_collections.ConfigDict, source,
-                 indices: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(config: ml_collections.ConfigDict, source, indices: np.ndarray | None = None,
+                 resize=None, pad_to=None) -> Iterator[dict[str, np.ndarray]]:
   """Fixed-size eval batches {'image' [B, H, W, 3] uint8, 'label' [B, H, W] int32}.
 
-  The last batch is padded with ignore labels, so every batch has one shape (one compile) and
-  padding never reaches the confusion matrix. Images must share one size.
+  resize (h, w): images (bilinear) and labels (nearest) are resized first. pad_to (h, w): each
+  image is padded at the bottom and right to this size (labels with ignore), so images of
+  different sizes (VOC) share one shape. The last batch is padded with ignore labels, so every
+  batch has one shape (one compile) and padding never reaches the confusion matrix.
   """
   batch_size = _per_process(config.eval_batch_size, "eval_batch_size")
-  dataset = grain.MapDataset.source(source if indices is None else _Subset(source, indices))
-  dataset = _process_shard(dataset).map(_eval_example).batch(batch_size)
+  dataset = grain.MapDataset.source(source if indices is None else datasets.Subset(source, indices))
+  dataset = _process_shard(dataset).map(functools.partial(
+      _eval_example, resize=_size(resize), pad_to=_size(pad_to))).batch(
+          batch_size, batch_fn=_stack_same_size)
   for batch in dataset:
     missing = batch_size - batch["image"].shape[0]
     if missing:
@@ -194,6 +204,28 @@ def eval_batches(config: ml_collections.ConfigDict, source,
     yield batch
 
 
-def _eval_example(example: dict[str, Any]) -> dict[str, np.ndarray]:
-  return {"image": np.asarray(example["image"]),
-          "label": _label_map(example).astype(np.int32)}
+def _size(size) -> tuple[int, int] | None:
+  return tuple(int(v) for v in size) if size else None
+
+
+def _eval_example(example: dict[str, Any], resize=None, pad_to=None) -> dict[str, np.ndarray]:
+  image, maps = resize_example(np.asarray(example["image"]), {"label": _label_map(example)},
+                               resize)
+  label = maps["label"].astype(np.int32)
+  if pad_to:
+    height, width = image.shape[:2]
+    if height > pad_to[0] or width > pad_to[1]:
+      raise UserError(f"config.eval.pad_to={tuple(pad_to)}: image {example.get('image_id', '')!r}"
+                      f" is {height}x{width} (h x w); expected pad_to to be at least as large")
+    pad = ((0, pad_to[0] - height), (0, pad_to[1] - width))
+    image = np.pad(image, pad + ((0, 0),))
+    label = np.pad(label, pad, constant_values=IGNORE)
+  return {"image": image, "label": label}
+
+
+def _stack_same_size(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  shapes = sorted({e["image"].shape[:2] for e in examples})
+  if len(shapes) > 1:
+    raise UserError(f"eval images have different sizes {shapes[:3]}; set config.eval.pad_to to "
+                    "the largest (h, w), or config.eval.resize")
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

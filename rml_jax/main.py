@@ -1,7 +1,8 @@
 """Entry point: `python -m rml_jax.main --config=configs/digits.py --workdir=runs/digits`.
 
 --mode=train (default) trains and evaluates, resuming from the workdir's latest checkpoint;
---mode=eval restores the latest checkpoint and evaluates it.
+--mode=eval restores the latest checkpoint and evaluates it; --mode=predict writes colour masks
+and overlays for the images of --config.predict.input.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                  "train (resumes), eval (latest checkpoint, val mIoU) or predict "
+                  "(masks for --config.predict.input).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,8 +56,10 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "eval":
       evaluate.evaluate(config, FLAGS.workdir)
+    else:
+      evaluate.predict(config, FLAGS.workdir)
   except UserError as e:
     _fail(str(e))
 

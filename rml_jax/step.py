@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from rml_jax import augment, losses, sharding, soft_labels
+from rml_jax import evaluate as evaluate_lib
 from rml_jax import metrics as metrics_lib
 from rml_jax import prototypes as prototypes_lib
 from rml_jax.errors import UserError
@@ -47,6 +48,12 @@ class StepConfig:
   stored_labels: bool = False  # a later stage: p^0 is the previous stage's stored soft label
   soft_label_top_k: int = 3
   ignore_index: int = 255
+  # Inference (eval, predict, stored soft labels): "whole" image or "sliding" windows of
+  # eval_window with a stride of eval_stride * window, optionally averaged with the h-flip.
+  eval_protocol: str = "whole"
+  eval_window: tuple[int, int] = (0, 0)
+  eval_stride: float = 2 / 3
+  eval_flip: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "StepConfig":
@@ -68,6 +75,15 @@ class StepConfig:
     if rml.get("prototype_temperature", 1.0) <= 0:
       raise UserError("config.rml.prototype_temperature: expected a positive value, got "
                       f"{rml.prototype_temperature!r}")
+    evaluation = config.get("eval") or ml_collections.ConfigDict()
+    protocol = evaluation.get("protocol", "whole")
+    if protocol not in ("whole", "sliding"):
+      raise UserError(f"config.eval.protocol: expected 'whole' or 'sliding', got {protocol!r}")
+    window = tuple(evaluation.get("window", None) or config.data.crop_size)
+    stride = evaluation.get("stride", 2 / 3)
+    if not 0 < stride <= 1:
+      raise UserError(f"config.eval.stride: expected a fraction of the window in (0, 1], got "
+                      f"{stride!r}")
     return cls(mode=rml.mode, num_classes=num_classes, threshold=rml.threshold,
                unsup_weight=rml.unsup_weight,
                unsup_rampup_steps=rml.unsup_rampup_steps, ema_decay=rml.ema_decay,
@@ -79,7 +95,9 @@ class StepConfig:
                prototype_temperature=rml.get("prototype_temperature", 1.0),
                rectify_start_step=rml.get("rectify_start_step", 0),
                stage_steps=config.total_steps if rml.stages > 1 else 0,
-               soft_label_top_k=rml.get("soft_label_top_k", 3))
+               soft_label_top_k=rml.get("soft_label_top_k", 3),
+               eval_protocol=protocol, eval_window=window, eval_stride=float(stride),
+               eval_flip=bool(evaluation.get("flip", False)))
 
 
 def normalize(images: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -309,7 +327,21 @@ MODEL_NAMES = ("teacher_a", "teacher_b", "student_a", "student_b")
 
 
 def predict_step(state: RMLState, images: jax.Array, *, cfg: StepConfig) -> dict[str, jax.Array]:
-  """uint8 [N, H, W, 3] -> {model name: softmax probs [N, H, W, K] float32} for all four."""
+  """uint8 [N, H, W, 3] -> {model name: softmax probs [N, H, W, K] float32} for all four.
+
+  With cfg.eval_protocol 'sliding' the probabilities are averaged over overlapping windows;
+  cfg.eval_flip adds the horizontally flipped view.
+  """
+  whole = functools.partial(_whole_image_probs, state, cfg=cfg)
+  if cfg.eval_protocol == "sliding":
+    return evaluate_lib.sliding_window_probs(whole, images, cfg.eval_window, cfg.eval_stride,
+                                             cfg.eval_flip)
+  return evaluate_lib.with_flip(whole, images) if cfg.eval_flip else whole(images)
+
+
+def _whole_image_probs(state: RMLState, images: jax.Array, *, cfg: StepConfig
+                       ) -> dict[str, jax.Array]:
+  """The four models on whole images: uint8 [N, H, W, 3] -> {name: probs [N, H, W, K]}."""
   x = normalize(images, cfg)
   out = {}
   for name, model, learner in (("a", state.model_a, state.learner_a),

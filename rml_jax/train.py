@@ -53,7 +53,7 @@ class Run:
 
   config: ml_collections.ConfigDict
   workdir: str
-  sources: dict[str, Any]
+  sources: Any  # datasets.Sources (None when created with with_data=False)
   class_names: tuple[str, ...]
   mesh: Any
   step_config: step.StepConfig
@@ -67,11 +67,13 @@ class Run:
   meta: dict[str, Any]
 
   @classmethod
-  def create(cls, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
+  def create(cls, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False,
+             with_data: bool = True):
+    """with_data=False skips the datasets (sources None): enough to restore and predict."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not read_only:
       _check_writable(workdir)
-    sources = datasets.data_sources(config.data)
+    sources = datasets.data_sources(config.data) if with_data else None
     class_names = datasets.class_names(config.data)
     num_classes = len(class_names)
     mesh = sharding.create_mesh(config.mesh)
@@ -93,7 +95,7 @@ class Run:
 
   def evaluate(self, train_state) -> dict[str, Any]:
     """Per-class IoU and mIoU of the four models on the whole val split."""
-    batches = input_pipeline.eval_batches(self.config, self.sources["val"])
+    batches = input_pipeline.eval_batches(self.config, self.sources.val, **eval_sizes(self.config))
     matrices = evaluate.run_evaluation(self.eval_fn, train_state, batches, self.mesh)
     return evaluate.summarize(matrices, self.class_names)
 
@@ -111,9 +113,14 @@ class Run:
     return step.jit_steps(cfg, self.state_shardings, self.mesh)[0]
 
   def split(self) -> tuple[np.ndarray, np.ndarray]:
-    data = self.config.data
-    return datasets.labeled_indices(len(self.sources["train"]), data.labeled_fraction,
-                                    data.split_seed)
+    """(labeled, unlabeled) train indices: config.data.split's lists or a seeded fraction."""
+    return datasets.split(self.config.data, self.sources, cache_dir=self.workdir)
+
+
+def eval_sizes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """eval_batches' resize / pad_to for the val set (config.eval)."""
+  evaluation = config.get("eval") or {}
+  return {"resize": evaluation.get("resize"), "pad_to": evaluation.get("pad_to")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "labeled_ids.txt"), "w") as f:
       f.write("\n".join(str(i) for i in labeled_idx) + "\n")
   logging.info("%d labeled and %d unlabeled training images; %d val images.", len(labeled_idx),
-               len(unlabeled_idx), len(run.sources["val"]))
+               len(unlabeled_idx), len(run.sources.val))
 
   with_unlabeled = config.rml.mode != "supervised"
   stage_steps = config.total_steps  # each stage runs total_steps (the paper: 90k x 2 stages)
@@ -203,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def make_iterator(stage: int):
     stored = soft_labels.stage_dir(workdir, stage) if stage > 0 else None
-    return input_pipeline.train_iterator(config, run.sources["train"], labeled_idx,
+    return input_pipeline.train_iterator(config, run.sources.train, labeled_idx,
                                          unlabeled_idx, with_unlabeled, stored)
 
   latest = run.checkpointer.latest_step()
@@ -321,10 +328,16 @@ def _begin_stage(run: Run, stage: int, train_state, unlabeled_idx: np.ndarray, s
   if jax.process_count() > 1:
     raise UserError("config.rml.stages > 1 is not supported with several processes yet")
   directory = soft_labels.stage_dir(run.workdir, stage)
-  image_shape = tuple(np.asarray(run.sources["train"][int(unlabeled_idx[0])]["image"]).shape[:2])
+  # At the resolution the train pipeline reads them; images of several sizes are padded to
+  # config.eval.pad_to (each view takes its image's part).
+  resize = config.data.get("resize")
+  pad_to = None if resize else eval_sizes(config)["pad_to"]
 
   def batches(start: int):
-    return input_pipeline.eval_batches(config, run.sources["train"], unlabeled_idx[start:])
+    return input_pipeline.eval_batches(config, run.sources.train, unlabeled_idx[start:],
+                                       resize=resize, pad_to=pad_to)
+
+  image_shape = next(batches(len(unlabeled_idx) - 1))["image"].shape[1:3]
 
   def predict(images):
     return jax.device_get(run.predict_fn(train_state, sharding.to_global(images, run.mesh)))
@@ -375,9 +388,10 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
 
 def _summary_inputs(run: Run, unlabeled_idx: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
   """One fixed eval-sized batch of val images and one of unlabeled train images."""
-  val = next(input_pipeline.eval_batches(run.config, run.sources["val"]))
-  unlabeled = next(input_pipeline.eval_batches(run.config, run.sources["train"],
-                                                unlabeled_idx[:run.config.eval_batch_size]))
+  val = next(input_pipeline.eval_batches(run.config, run.sources.val, **eval_sizes(run.config)))
+  unlabeled = next(input_pipeline.eval_batches(run.config, run.sources.train,
+                                                unlabeled_idx[:run.config.eval_batch_size],
+                                                resize=run.config.data.get("resize")))
   return {"val": val, "unlabeled": unlabeled}
 
 

@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 @pytest.fixture(scope="module")
 def train_source(data_dir):
   config = tiny_config(data_dir)
-  return datasets.data_sources(config.data)["train"]
+  return datasets.data_sources(config.data).train
 
 
 def _iterator(config, source):

@@ -91,8 +91,8 @@ def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
                          "label": np.full((2, 64, 64), 255, np.int32)}}
   original, _ = run.train_fn(original, sharding.to_global(batch, run.mesh))
   expected = jax.device_get(original)
-  labeled, unlabeled = datasets.labeled_indices(len(run.sources["train"]), 1 / 16, 0)
-  iterator = input_pipeline.train_iterator(config, run.sources["train"], labeled, unlabeled, True)
+  labeled, unlabeled = datasets.labeled_indices(len(run.sources.train), 1 / 16, 0)
+  iterator = input_pipeline.train_iterator(config, run.sources.train, labeled, unlabeled, True)
   next(iterator)
   run.checkpointer.save(1, original, iterator, run.meta)
   run.checkpointer.wait()
@@ -123,3 +123,39 @@ def test_missing_dataset_and_unwritable_workdir_are_one_line_errors(tmp_path, da
   blocker.write_text("")
   with pytest.raises(UserError, match="cannot write to .*a_file"):
     train.train_and_evaluate(tiny_config(data_dir), str(blocker / "sub"))
+
+
+def test_predict_mode_writes_label_mask_and_overlay_pngs(trained, tmp_path):
+  import copy
+
+  from PIL import Image
+
+  config, workdir, _ = trained
+  config = copy.deepcopy(config)
+  rng = np.random.default_rng(0)
+  inputs = tmp_path / "inputs"
+  inputs.mkdir()
+  images = {"square": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            "wide": rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)}
+  for stem, image in images.items():
+    Image.fromarray(image).save(inputs / f"{stem}.png")
+  config.predict.update(dict(input=str(inputs), output=str(tmp_path / "out"), model="teacher_b"))
+  written = evaluate.predict(config, workdir)
+  assert sorted(written) == ["square", "wide"]
+  final = _restore_final(config, workdir)
+  cfg = step.StepConfig.from_config(config, 11)
+  colours = evaluate.palette(11)
+  for stem, image in images.items():
+    labels = np.asarray(Image.open(tmp_path / "out" / f"{stem}_labels.png"))
+    expected = np.asarray(step.predict_step(final, image[None], cfg=cfg)["teacher_b"][0]).argmax(-1)
+    np.testing.assert_array_equal(labels, expected)
+    mask = np.asarray(Image.open(tmp_path / "out" / f"{stem}_mask.png"))
+    np.testing.assert_array_equal(mask, colours[labels])
+    blended = np.asarray(Image.open(tmp_path / "out" / f"{stem}_overlay.png"))
+    np.testing.assert_array_equal(blended, evaluate.overlay(image, mask, 0.5))
+  # An unreadable image stops before anything is written.
+  (inputs / "broken.png").write_bytes(b"\x89PNG broken")
+  config.predict.output = str(tmp_path / "out2")
+  with pytest.raises(UserError, match=r"broken\.png: unreadable image"):
+    evaluate.predict(config, workdir)
+  assert not os.path.exists(tmp_path / "out2")

@@ -1,0 +1,82 @@
+"""Any folder of images and label PNGs (rml_jax/datasets/image_folder.py), e.g. two-class
+electron microscopy (the ISBI 2012 layout: `isbi` preset):
+
+  python -m rml_jax.main --config=configs/folder.py:isbi,data.root=/data/isbi2012 \
+      --workdir=runs/isbi
+
+(add the `tiny` preset for a seconds-long smoke run).
+
+Every data field, for your own folder (set them with --config.data.<field>=... or in a copy of
+this file):
+
+  root            the folder; the other paths are relative to it
+  images_dir      labeled images (png, jpg, bmp, tif, webp); greyscale is converted to RGB
+  labels_dir      one label image per image: the same file stem (+ label_suffix), one channel
+  label_suffix    e.g. "_mask" when images/a.png goes with labels/a_mask.png
+  unlabeled_dir   images without labels ("" = none); all of them join the unlabeled set
+  val_images_dir, val_labels_dir
+                  a separate labeled val set ("" = none: val_holdout labeled images are held out)
+  val_holdout     how many labeled images become the val set when there is no val folder
+  class_names     one name per class; the number of classes is their count
+  label_map       ((raw value, class id), ...); () = the raw values are the class ids
+  ignore_value    the raw value that means "not labeled" (-1 = none); any value that is neither
+                  mapped nor ignore stops preparation with the file named
+  labeled_fraction / split
+                  which labeled images train with labels: a seeded fraction, or a split folder
+                  (split_dir/<split>/labeled.txt listing file stems)
+
+The folder is checked and converted once into TFDS files under data_dir; editing the folder or
+these fields prepares a new copy.
+"""
+
+import ml_collections
+
+from configs import digits
+from rml_jax.config_args import apply_overrides
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = digits.get_config()
+  config.data.update(dict(
+      name="image_folder",
+      root="",
+      images_dir="images",
+      labels_dir="labels",
+      label_suffix="",
+      unlabeled_dir="unlabeled",
+      val_images_dir="",
+      val_labels_dir="",
+      val_holdout=0,
+      class_names=("background", "foreground"),
+      label_map=((0, 0), (255, 1)),
+      ignore_value=-1,
+      labeled_fraction=1.0,
+      split_dir="",
+      train_split="train",
+      val_split="val",
+      crop_size=(128, 128),
+      scale_range=(0.5, 1.0),
+      flip=True,
+      mean=(0.5, 0.5, 0.5),
+      std=(0.25, 0.25, 0.25),
+  ))
+  config.eval_batch_size = 4
+  config.eval.update(dict(protocol="sliding", window=None, stride=2 / 3))
+  return apply_overrides(config, arg, presets={"tiny": _tiny, "isbi": _isbi})
+
+
+def _tiny(config: ml_collections.ConfigDict) -> None:
+  """digits.py's seconds-long smoke run, with eval batches sized for big images."""
+  digits.presets()["tiny"](config)
+  config.eval_batch_size = 2
+
+
+def _isbi(config: ml_collections.ConfigDict) -> None:
+  """ISBI 2012 (train/image, train/label, unlabeled/): membrane 0 -> class 0, cell 255 -> 1."""
+  config.data.images_dir = "train/image"
+  config.data.labels_dir = "train/label"
+  config.data.unlabeled_dir = "unlabeled"
+  config.data.class_names = ("membrane", "cell")
+  config.data.label_map = ((0, 0), (255, 1))
+  config.data.ignore_value = -1
+  config.data.val_holdout = 6

@@ -1,0 +1,129 @@
+"""Split lists: `data/splits/<dataset>/<name>/labeled.txt` (and optional `unlabeled.txt`).
+
+One image per line. Plain ids (`aachen_000000_000019`, `2007_000032`) and the community's lines
+(`leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png gtFine/...`,
+`JPEGImages/2007_000032.jpg SegmentationClass/...`) both work: the first field's file stem, without
+`_leftImg8bit`, is the id. `make_split` draws the seeded splits shipped in data/splits
+(data/make_splits.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from rml_jax.errors import UserError
+
+REPO_SPLITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "data", "splits")
+_ID_SUFFIXES = ("_leftImg8bit",)
+
+
+def normalize_id(line: str) -> str:
+  """A split-file line -> the image id (stem of the first field, dataset suffixes removed)."""
+  first = line.split()[0]
+  stem = os.path.splitext(os.path.basename(first))[0]
+  for suffix in _ID_SUFFIXES:
+    if stem.endswith(suffix):
+      stem = stem[:-len(suffix)]
+  return stem
+
+
+def read_ids(path: str) -> list[str]:
+  """The ids of a split file, in file order, each once."""
+  try:
+    with open(path) as f:
+      lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+  except OSError as e:
+    raise UserError(f"{path}: cannot read the split file ({e.strerror})") from None
+  ids = list(dict.fromkeys(normalize_id(line) for line in lines))
+  if not ids:
+    raise UserError(f"{path}: the split file lists no images; expected one image id per line")
+  return ids
+
+
+def write_ids(path: str, ids: list[str]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write("".join(f"{i}\n" for i in ids))
+  os.replace(path + ".tmp", path)
+
+
+def split_folder(data_config: ml_collections.ConfigDict, name: str) -> str:
+  """The folder of split `name`: config.data.split_dir/<name>, or data/splits/<dataset>/<name>."""
+  base = data_config.get("split_dir", "") or os.path.join(REPO_SPLITS, data_config.name)
+  folder = os.path.join(os.path.expanduser(base), name)
+  if not os.path.isfile(os.path.join(folder, "labeled.txt")):
+    available = sorted(d for d in os.listdir(base)
+                       if os.path.isfile(os.path.join(base, d, "labeled.txt"))) \
+        if os.path.isdir(base) else []
+    raise UserError(f"config.data.split={name!r}: no {os.path.join(folder, 'labeled.txt')}; "
+                    f"expected one of {available} (or set config.data.split_dir)")
+  return folder
+
+
+def cached_ids(cache_dir: str | None, data_config: ml_collections.ConfigDict,
+               read: Callable[[], list[str]]) -> list[str]:
+  """The train image ids, kept in cache_dir/train_image_ids.txt after the first read."""
+  path = os.path.join(cache_dir, "train_image_ids.txt") if cache_dir else None
+  holdout = data_config.get("val_holdout", 0)
+  key = f"# {data_config.name} {data_config.train_split} holdout={holdout}"
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      lines = f.read().splitlines()
+    if lines and lines[0] == key:
+      return lines[1:]
+  ids = read()
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write("\n".join([key] + ids) + "\n")
+    os.replace(path + ".tmp", path)
+  return ids
+
+
+def indices_from_folder(folder: str, train_ids: list[str],
+                        num_labeled: int) -> tuple[np.ndarray, np.ndarray]:
+  """(labeled, unlabeled) sorted indices into train for the split lists in `folder`.
+
+  train_ids: the id of every train example; the first num_labeled have labels. Every listed id
+  must be a train image (labeled.txt: one with a label), else one line names the file and id.
+  """
+  position = {image_id: i for i, image_id in enumerate(train_ids)}
+
+  def lookup(path: str, labeled: bool) -> np.ndarray:
+    ids = read_ids(path)
+    missing = [i for i in ids if i not in position or (labeled and position[i] >= num_labeled)]
+    if missing:
+      what = "labeled train image" if labeled else "train image"
+      raise UserError(f"{path}: {len(missing)} of {len(ids)} ids are not a {what} of the dataset "
+                      f"(first: {missing[0]!r}); expected ids such as {train_ids[0]!r}")
+    return np.sort(np.asarray([position[i] for i in ids], np.int64))
+
+  labeled = lookup(os.path.join(folder, "labeled.txt"), labeled=True)
+  unlabeled_path = os.path.join(folder, "unlabeled.txt")
+  if os.path.isfile(unlabeled_path):
+    unlabeled = np.setdiff1d(lookup(unlabeled_path, labeled=False), labeled)
+  else:
+    unlabeled = np.setdiff1d(np.arange(len(train_ids)), labeled)
+  return labeled, unlabeled.astype(np.int64)
+
+
+def make_split(candidates: list[str], num_labeled: int, seed: int,
+               pool: list[str] | None = None) -> tuple[list[str], list[str]]:
+  """Seeded split: num_labeled ids drawn from candidates; unlabeled = the rest of pool.
+
+  pool defaults to candidates (e.g. VOC: labeled from the 1464 train ids, unlabeled from the
+  10582 train_aug ids). Both lists come back sorted.
+  """
+  candidates = sorted(candidates)
+  if not 0 < num_labeled <= len(candidates):
+    raise ValueError(f"num_labeled={num_labeled} not in [1, {len(candidates)}]")
+  order = np.random.default_rng(seed).permutation(len(candidates))
+  labeled = sorted(candidates[i] for i in order[:num_labeled])
+  chosen = set(labeled)
+  unlabeled = sorted(i for i in (pool if pool is not None else candidates) if i not in chosen)
+  return labeled, unlabeled
