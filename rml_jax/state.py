@@ -74,11 +74,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, ...]:
   """Student architectures a and b; config.model_b.name (if set) makes the pair heterogeneous."""
-  model_a = models.build_model(config.model, num_classes, config.dtype)
+  crop = tuple(config.data.crop_size)
+  model_a = models.build_model(config.model, num_classes, config.dtype, crop)
   config_b = config.model.copy_and_resolve_references()
   if config.model_b.name:
     config_b.name = config.model_b.name
-  model_b = models.build_model(config_b, num_classes, config.dtype)
+  model_b = models.build_model(config_b, num_classes, config.dtype, crop)
   return model_a, model_b
 
 

@@ -40,12 +40,18 @@ _MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn")
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
-                dtype: str = "float32") -> nn.Module:
-  """Builds the module that `model_config.name` names, with the config's noise settings."""
+                dtype: str = "float32", image_size: tuple[int, int] | None = None) -> nn.Module:
+  """Builds the module that `model_config.name` names, with the config's noise settings.
+
+  image_size: the training crop, for models whose parameters depend on it (ViT position
+  embeddings, resampled at other input sizes).
+  """
   if model_config.name not in MODELS:
     raise UserError(f"config.model.name: unknown model {model_config.name!r}; "
                       f"expected one of {sorted(MODELS)}")
   if dtype not in _DTYPES:
     raise UserError(f"config.dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
   kwargs = {k: model_config[k] for k in _MODEL_FIELDS if k in model_config}
+  if image_size and "image_size" in MODELS[model_config.name].func.__dataclass_fields__:
+    kwargs["image_size"] = tuple(image_size)
   return MODELS[model_config.name](num_classes=num_classes, dtype=_DTYPES[dtype], **kwargs)

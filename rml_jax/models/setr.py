@@ -35,12 +35,17 @@ class SETR(nn.Module):
   survival_prob: float = 1.0
   frozen_bn: bool = False
   dtype: jnp.dtype = jnp.float32
+  # The training crop (h, w): position embeddings are sized for it and resampled for other
+  # input sizes (whole-image eval). None: sized for the input at init.
+  image_size: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    pos_grid = (tuple(s // self.patch_size for s in self.image_size) if self.image_size
+                else None)
     tokens = VisionTransformer(self.patch_size, self.hidden_size, self.depth, self.num_heads,
                                survival_prob=self.survival_prob, dtype=self.dtype,
-                               name="encoder")(images, train)
+                               pos_grid=pos_grid, name="encoder")(images, train)
     norm = lambda name: batch_norm(name, train, self.frozen_bn, self.dtype)  # noqa: E731
     x = tokens
     if self.decoder == "naive":

@@ -64,6 +64,16 @@ class Block(nn.Module):
     return x + drop_path(branch, self.survival_prob, deterministic, rng)
 
 
+def resample_pos_embed(pos_embed: jax.Array, grid: tuple[int, int], new_grid: tuple[int, int]
+                       ) -> jax.Array:
+  """[1, 1 + gh * gw, D] -> [1, 1 + nh * nw, D]: the class token's entry kept, the grid's
+  entries resized bilinearly."""
+  cls, tokens = pos_embed[:, :1], pos_embed[:, 1:]
+  d = pos_embed.shape[-1]
+  tokens = jax.image.resize(tokens.reshape(1, *grid, d), (1, *new_grid, d), "bilinear")
+  return jnp.concatenate([cls, tokens.reshape(1, new_grid[0] * new_grid[1], d)], axis=1)
+
+
 class VisionTransformer(nn.Module):
   """[N, H, W, 3] -> token grid [N, H / patch, W / patch, D] (the class token is dropped)."""
 
@@ -74,6 +84,7 @@ class VisionTransformer(nn.Module):
   mlp_ratio: float = 4.0
   survival_prob: float = 1.0
   dtype: jnp.dtype = jnp.float32
+  pos_grid: tuple[int, int] | None = None  # the token grid of the crop (None: the input's)
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -83,7 +94,10 @@ class VisionTransformer(nn.Module):
     n, h, w, d = x.shape
     x = x.reshape(n, h * w, d)
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, d))
-    pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + h * w, d))
+    grid = tuple(self.pos_grid) if self.pos_grid else (h, w)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + grid[0] * grid[1], d))
+    if (h, w) != grid:  # another input size than the crop (whole-image eval): resample
+      pos = resample_pos_embed(pos, grid, (h, w))
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1) + pos
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.survival_prob, self.dtype,
