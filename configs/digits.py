@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dropout_rate=0.0,  # model noise, off for plain IML (paper: 0.5)
       survival_prob=1.0,  # stochastic depth, off for plain IML (paper: 0.8)
       frozen_bn=False,
+      remat=False,  # recompute block activations in the backward pass: less memory, more FLOPs
       init_from="",  # a params file from `python -m rml_jax.convert` ("" = from scratch)
   ))
   # "" = the same architecture as config.model (and its init_from); a name makes the pair

@@ -36,7 +36,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                          depth=4, num_heads=4, decoder_width=64),
 }
 
-_MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn")
+_MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn", "remat")
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,

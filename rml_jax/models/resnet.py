@@ -91,9 +91,11 @@ class ResNet(nn.Module):
   survival_prob: float = 1.0
   frozen_bn: bool = False
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     x = nn.Conv(self.base_width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                 name="conv1")(x)
     x = nn.relu(batch_norm("bn1", train, self.frozen_bn, self.dtype)(x))
@@ -104,7 +106,7 @@ class ResNet(nn.Module):
       width = self.base_width * 2**stage
       for block in range(num_blocks):
         stride = self.strides[stage] if block == 0 else 1
-        x = Bottleneck(
+        x = block_cls(
             width=width, stride=stride, dilation=self.dilations[stage],
             downsample=block == 0 and (stride != 1 or in_features != width * 4),
             survival_prob=self.survival_prob, frozen_bn=self.frozen_bn, dtype=self.dtype,

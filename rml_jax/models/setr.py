@@ -38,6 +38,7 @@ class SETR(nn.Module):
   # The training crop (h, w): position embeddings are sized for it and resampled for other
   # input sizes (whole-image eval). None: sized for the input at init.
   image_size: tuple[int, int] | None = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -45,7 +46,8 @@ class SETR(nn.Module):
                 else None)
     tokens = VisionTransformer(self.patch_size, self.hidden_size, self.depth, self.num_heads,
                                survival_prob=self.survival_prob, dtype=self.dtype,
-                               pos_grid=pos_grid, name="encoder")(images, train)
+                               pos_grid=pos_grid, remat=self.remat,
+                               name="encoder")(images, train)
     norm = lambda name: batch_norm(name, train, self.frozen_bn, self.dtype)  # noqa: E731
     x = tokens
     if self.decoder == "naive":

@@ -85,6 +85,7 @@ class VisionTransformer(nn.Module):
   survival_prob: float = 1.0
   dtype: jnp.dtype = jnp.float32
   pos_grid: tuple[int, int] | None = None  # the token grid of the crop (None: the input's)
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -99,8 +100,9 @@ class VisionTransformer(nn.Module):
     if (h, w) != grid:  # another input size than the crop (whole-image eval): resample
       pos = resample_pos_embed(pos, grid, (h, w))
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1) + pos
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.survival_prob, self.dtype,
+      x = block_cls(self.num_heads, self.mlp_ratio, self.survival_prob, self.dtype,
                 name=f"blocks_{i}")(x, train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     return x[:, 1:].reshape(n, h, w, d)
