@@ -1,0 +1,99 @@
+"""Two JAX processes (4 fake CPU devices each, coordinator on 127.0.0.1) against one process with
+8 devices (tests/test_multiprocess.py): the real train input pipeline, a few train steps, an
+orbax checkpoint of the state and the grain iterators, restored and compared.
+
+  python -m tests.multiprocess_check multi DATA_DIR OUT_DIR PORT PROCESS_ID
+  python -m tests.multiprocess_check single DATA_DIR OUT_DIR
+
+`multi` reads its own shard of the data (as every multi-host run does); `single` builds the same
+global batches by concatenating the local batches each of the two processes would read.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+STEPS = 3
+
+
+def _config(data_dir):
+  from tests.conftest import tiny_config
+
+  # Supervised: a loss without argmax pseudo labels, whose near-ties would turn the last-bit
+  # differences of another all-reduce order into different labels. The unlabeled stream is
+  # still read, sharded and checkpointed.
+  config = tiny_config(data_dir, "mode=supervised,optimizer.name=sgd,"
+                                 "optimizer.learning_rate=0.01,optimizer.warmup_steps=0")
+  config.labeled_batch_size = config.unlabeled_batch_size = 8
+  return config
+
+
+def _iterator(config, process_index, process_count):
+  """The train iterator that process `process_index` of `process_count` reads."""
+  from rml_jax import datasets, input_pipeline
+
+  real = (jax.process_index, jax.process_count)
+  jax.process_index, jax.process_count = (lambda: process_index), (lambda: process_count)
+  try:
+    sources = datasets.data_sources(config.data)
+    labeled, unlabeled = datasets.split(config.data, sources)
+    return input_pipeline.train_iterator(config, sources.train, labeled, unlabeled, True)
+  finally:
+    jax.process_index, jax.process_count = real
+
+
+def _host_value(x):
+  """A replicated global array -> numpy (each process holds a full copy)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x.addressable_data(0))
+
+
+def main():
+  mode, data_dir, out_dir = sys.argv[1:4]
+  if mode == "multi":
+    port, process_id = int(sys.argv[4]), int(sys.argv[5])
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=process_id, initialization_timeout=120)
+  from rml_jax import checkpoint, sharding, state, step
+
+  config = _config(data_dir)
+  assert jax.device_count() == 8, jax.devices()
+  mesh = sharding.create_mesh(config.mesh)
+  init_fn = state.make_init_fn(config, 11)
+  abstract, shardings = state.abstract_train_state(init_fn, mesh)
+  cfg = step.StepConfig.from_config(config, 11)
+  train_fn, _, _ = step.jit_steps(cfg, shardings, mesh)
+  train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
+  if mode == "multi":
+    iterators = [_iterator(config, jax.process_index(), 2)]
+  else:
+    iterators = [_iterator(config, p, 2) for p in range(2)]
+  history = []
+  for _ in range(STEPS):
+    local = [next(it) for it in iterators]
+    batch = jax.tree.map(lambda *xs: np.concatenate(xs), *local)
+    train_state, metrics = train_fn(train_state, sharding.to_global(batch, mesh))
+    history.append({k: float(_host_value(v)) for k, v in metrics.items()})
+  workdir = os.path.join(out_dir, "work")
+  checkpointer = checkpoint.Checkpointer(workdir)
+  checkpointer.save(STEPS, train_state, iterators[0], {"check": mode}, force=True)
+  checkpointer.wait()
+  restored = checkpointer.restore(STEPS, abstract, {"check": mode})
+  leaves = [_host_value(x) for x in jax.tree.leaves(train_state)]
+  restored_equal = all(np.array_equal(a, _host_value(b))
+                       for a, b in zip(leaves, jax.tree.leaves(restored)))
+  checkpointer.close()
+  if jax.process_index() == 0:
+    np.savez(os.path.join(out_dir, "state.npz"), *leaves)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+      json.dump({"history": history, "restored_equal": restored_equal,
+                 "processes": jax.process_count(), "local_devices": jax.local_device_count()}, f)
+  print("done", jax.process_index(), flush=True)
+
+
+if __name__ == "__main__":
+  main()
