@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=False)
-  flags.DEFINE_integer("steps", 30, "Timed steps.")
+  flags.DEFINE_integer("steps", 30, "Timed steps (0: compile, FLOPs and memory only).")
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
   flags.DEFINE_integer("input_batches", 50, "Batches drawn to time the input pipeline.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
@@ -101,16 +101,20 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-  for _ in range(warmup):
-    train_state, metrics = compiled(train_state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    begin = time.perf_counter()
-    train_state, metrics = compiled(train_state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - begin)
-  step_s = statistics.median(times)
+  compiled_memory = compiled_memory_bytes(compiled)
+
+  step_s = None  # steps = 0: compile, FLOPs and memory only
+  if steps > 0:
+    for _ in range(warmup):
+      train_state, metrics = compiled(train_state, batch)
+      jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      begin = time.perf_counter()
+      train_state, metrics = compiled(train_state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - begin)
+    step_s = statistics.median(times)
   images = config.labeled_batch_size + (
       config.unlabeled_batch_size if config.rml.mode != "supervised" else 0)
 
@@ -134,36 +138,56 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
       iterator.close()
 
   peak = measured_peak()
-  achieved = flops / step_s
+  achieved = flops / step_s if step_s else None
   return {
       "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
       "config": {"model_a": config.model.name, "model_b": config.model_b.name or
                  config.model.name, "mode": config.rml.mode,
                  "crop_size": list(config.data.crop_size), "images_per_step": images},
-      "compile_s": compile_s, "step_s_median": step_s, "images_per_s": images / step_s,
+      "compile_s": compile_s, "step_s_median": step_s,
+      "images_per_s": images / step_s if step_s else None,
       "flops_per_step": flops, "achieved_flops_per_s": achieved,
       "peak_matmul_flops_per_s": peak["matmul_flops_per_s"],
       "peak_conv_flops_per_s": peak["conv_flops_per_s"],
-      "fraction_of_matmul_peak": achieved / peak["matmul_flops_per_s"],
-      "peak_memory_bytes": memory, "input_pipeline_images_per_s": input_images_per_s,
+      "fraction_of_matmul_peak": achieved / peak["matmul_flops_per_s"] if achieved else None,
+      "peak_memory_bytes": memory, "compiled_memory_bytes": compiled_memory,
+      "input_pipeline_images_per_s": input_images_per_s,
   }
+
+
+def compiled_memory_bytes(compiled) -> dict[str, int] | None:
+  """XLA's memory analysis of a compiled step: arguments, outputs, temporaries, aliased
+  (donated) bytes and their total (arguments + outputs + temporaries - aliased)."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
+           for name in ("argument", "output", "temp", "alias")}
+  sizes["total"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+  return sizes
 
 
 def format_report(result: dict) -> str:
   giga = lambda x: f"{x / 1e9:.2f} GFLOP/s"  # noqa: E731
+  timed = result["step_s_median"] is not None
   lines = [
       f"device: {result['device']} x{result['num_devices']}; {result['config']}",
       f"compile: {result['compile_s']:.1f} s",
-      f"step: {result['step_s_median'] * 1e3:.1f} ms median -> "
-      f"{result['images_per_s']:.1f} images/s",
-      f"FLOPs per step: {result['flops_per_step'] / 1e9:.2f} GFLOP; achieved "
-      f"{giga(result['achieved_flops_per_s'])}",
+      (f"step: {result['step_s_median'] * 1e3:.1f} ms median -> "
+       f"{result['images_per_s']:.1f} images/s") if timed else "step: not timed (--steps=0)",
+      f"FLOPs per step: {result['flops_per_step'] / 1e9:.2f} GFLOP" + (
+          f"; achieved {giga(result['achieved_flops_per_s'])}" if timed else ""),
       f"measured peak: matmul {giga(result['peak_matmul_flops_per_s'])}, conv "
-      f"{giga(result['peak_conv_flops_per_s'])}; step / matmul peak = "
-      f"{result['fraction_of_matmul_peak']:.1%}",
+      f"{giga(result['peak_conv_flops_per_s'])}" + (
+          f"; step / matmul peak = {result['fraction_of_matmul_peak']:.1%}" if timed else ""),
       "peak memory: " + (f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
                          if result["peak_memory_bytes"] else "not reported by this device"),
   ]
+  memory = result.get("compiled_memory_bytes")
+  if memory:
+    lines.append("compiled step memory (XLA): " + ", ".join(
+        f"{name} {memory[name] / 2**30:.2f} GiB"
+        for name in ("argument", "output", "temp", "alias", "total")))
   if result["input_pipeline_images_per_s"] is not None:
     lines.append(f"input pipeline alone: {result['input_pipeline_images_per_s']:.0f} images/s")
   return "\n".join(lines)

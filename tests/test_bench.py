@@ -16,7 +16,12 @@ def test_benchmark_figures_are_consistent(data_dir, tmp_path):
   assert abs(result["achieved_flops_per_s"] * result["step_s_median"]
              - result["flops_per_step"]) < 1e-3 * result["flops_per_step"]
   assert result["peak_matmul_flops_per_s"] > 1e8 and result["input_pipeline_images_per_s"] > 0
+  memory = result["compiled_memory_bytes"]  # XLA's analysis of the compiled step
+  assert memory["argument"] > 0 and memory["temp"] > 0
+  assert memory["total"] == memory["argument"] + memory["output"] + memory["temp"] - \
+      memory["alias"]
   report = bench.format_report(result)
+  assert "compiled step memory" in report
   assert "images/s" in report and "GFLOP" in report
   path = tmp_path / "bench.json"
   path.write_text(json.dumps(result))

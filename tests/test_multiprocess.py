@@ -46,6 +46,7 @@ def runs(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_read_the_same_global_batch_and_checkpoint(runs):
   reference, result, _, _ = runs
   assert (result["processes"], result["local_devices"]) == (2, 4)
@@ -64,6 +65,7 @@ def test_two_processes_read_the_same_global_batch_and_checkpoint(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.xfail(strict=True, reason="open: from the second step on, the two-process gradients "
                    "differ from one process by up to 2e-4 (relative, in norm); the losses agree")
 def test_two_processes_match_one_process_over_all_steps(runs):
