@@ -70,7 +70,8 @@ def cached_ids(cache_dir: str | None, data_config: ml_collections.ConfigDict,
   """The train image ids, kept in cache_dir/train_image_ids.txt after the first read."""
   path = os.path.join(cache_dir, "train_image_ids.txt") if cache_dir else None
   holdout = data_config.get("val_holdout", 0)
-  key = f"# {data_config.name} {data_config.train_split} holdout={holdout}"
+  key = (f"# {data_config.name} {data_config.train_split} holdout={holdout} "
+         f"data_dir={data_config.get('data_dir', '')} root={data_config.get('root', '')}")
   if path and os.path.isfile(path):
     with open(path) as f:
       lines = f.read().splitlines()

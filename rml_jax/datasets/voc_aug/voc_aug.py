@@ -77,7 +77,7 @@ class _Layout:
       extra = (_read_ids(os.path.join(root, SBD, "train.txt"))
                + _read_ids(os.path.join(root, SBD, "val.txt")))
     val = set(self.val)
-    self.train_aug = sorted(set(self.voc_train) | set(extra) - val)
+    self.train_aug = sorted((set(self.voc_train) | set(extra)) - val)
     self.voc_labeled = {os.path.splitext(n)[0] for n in
                         os.listdir(os.path.join(root, VOC, "SegmentationClass"))}
 
