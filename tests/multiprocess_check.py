@@ -73,10 +73,17 @@ def main():
   else:
     iterators = [_iterator(config, p, 2) for p in range(2)]
   history = []
+  compiled = None
   for _ in range(STEPS):
     local = [next(it) for it in iterators]
-    batch = jax.tree.map(lambda *xs: np.concatenate(xs), *local)
-    train_state, metrics = train_fn(train_state, sharding.to_global(batch, mesh))
+    batch = sharding.to_global(jax.tree.map(lambda *xs: np.concatenate(xs), *local), mesh)
+    if compiled is None:
+      compiled = train_fn.lower(train_state, batch).compile()
+      if mode == "multi":  # both compiled: the first collective's setup has a 30 s deadline
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier("rml_jax_compiled", 600_000)
+    train_state, metrics = compiled(train_state, batch)
     history.append({k: float(_host_value(v)) for k, v in metrics.items()})
   workdir = os.path.join(out_dir, "work")
   checkpointer = checkpoint.Checkpointer(workdir)
