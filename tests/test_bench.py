@@ -26,3 +26,18 @@ def test_benchmark_figures_are_consistent(data_dir, tmp_path):
   path = tmp_path / "bench.json"
   path.write_text(json.dumps(result))
   assert json.loads(path.read_text())["compile_s"] == result["compile_s"]
+
+
+def test_flops_count_convolutions_analytically():
+  """The step's FLOPs come from the lowered module: a valid 3x3 convolution counts
+  2*N*Ho*Wo*Cin*Cout*9 (on GPU the compiled module hides convolutions in cuDNN calls that XLA
+  does not count)."""
+  import jax
+  import jax.numpy as jnp
+
+  n, size, c_in, c_out = 2, 16, 8, 12
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  lowered = conv.lower(jnp.ones((n, size, size, c_in)), jnp.ones((3, 3, c_in, c_out)))
+  expected = 2 * n * (size - 2) ** 2 * c_in * c_out * 9
+  assert abs(bench.flops_per_call(lowered) - expected) <= 0.01 * expected
