@@ -20,6 +20,9 @@ def test_rungs_change_only_what_they_name():
   assert (full.rml.mode, full.rml.stages, full.total_steps) == ("rml", 2, 7)
   assert (full.model.dropout_rate, full.model.survival_prob) == (0.5, 0.8)
   assert full.augment.num_ops == base.augment.num_ops
+  rml = ablation.rung_config(base, "rml_input_noise", seed=0)  # rectification, no model noise
+  assert rml.rml.mode == "rml" and rml.model.survival_prob == base.model.survival_prob
+  assert rml.augment.cutmix_prob == base.augment.cutmix_prob
   # The labeled subset is the same for every rung and seed.
   assert {c.data.split_seed for c in (sup, iml, full)} == {base.data.split_seed}
   assert base.rml.mode == "iml"  # the base config is not modified

@@ -34,6 +34,7 @@ RUNGS = {
     "iml_model_noise": ("IML + model noise", f"mode=iml,{NO_INPUT_NOISE},{FULL_NOISE}"),
     "iml_input_noise": ("IML + input noise", "mode=iml"),
     "iml_full_noise": ("IML + full noise", f"mode=iml,{FULL_NOISE}"),
+    "rml_input_noise": ("RML + input noise", "mode=rml"),
     "rml": ("RML", f"mode=rml,{FULL_NOISE}"),
     "rml_two_stages": ("RML, two stages", f"mode=rml,{FULL_NOISE},rml.stages=2"),
 }
