@@ -4,10 +4,10 @@
 
 Prints compile time, step time (median over --steps after --warmup), images/s, FLOPs per step
 (XLA cost analysis of the lowered step, the same count on every backend) and achieved FLOP/s,
-the device's measured peak (a large matmul and a large
-convolution timed in the same run) and the ratio, peak memory where the device reports it, and
-the input pipeline's images/s on its own. Writes the same as JSON. Random weights, synthetic
-batches of the config's shapes (the input pipeline is timed separately on the real data).
+the device's measured peak (a large matmul and a large convolution timed in the same run) and
+the ratio, peak memory where the device reports it, and the input pipeline's images/s on its own.
+Writes the same as JSON. Random weights, synthetic batches of the config's shapes (the input
+pipeline is timed separately on the real data).
 """
 
 from __future__ import annotations
