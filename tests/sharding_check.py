@@ -47,9 +47,11 @@ def run(config, devices, fsdp: int, steps: int = 3):
 
 
 def main():
-  mode = sys.argv[1]  # "rml" or "iml"
-  config = digits.get_config(f"tiny,mode={mode},optimizer.name=sgd,optimizer.learning_rate=0.01,"
-                             "optimizer.warmup_steps=0,rml.threshold=0.0")
+  # "rml" or "iml", optionally with config overrides after a colon: "rml:augment.cutmix_prob=0.0"
+  mode, _, extra = sys.argv[1].partition(":")
+  arg = (f"tiny,mode={mode},optimizer.name=sgd,optimizer.learning_rate=0.01,"
+         "optimizer.warmup_steps=0,rml.threshold=0.0")
+  config = digits.get_config(f"{arg},{extra}" if extra else arg)
   config.labeled_batch_size = config.unlabeled_batch_size = 8
   devices = jax.devices()
   assert len(devices) == 8, devices
