@@ -7,6 +7,7 @@ orbax checkpoint of the state and the grain iterators, restored and compared.
 
 `multi` reads its own shard of the data (as every multi-host run does); `single` builds the same
 global batches by concatenating the local batches each of the two processes would read.
+The models use GELU for ReLU here (tests/conftest.py: use_smooth_activation says why).
 """
 
 import json
@@ -22,10 +23,8 @@ STEPS = 3
 def _config(data_dir):
   from tests.conftest import tiny_config
 
-  # Supervised: a loss without argmax pseudo labels, whose near-ties would turn the last-bit
-  # differences of another all-reduce order into different labels. The unlabeled stream is
-  # still read, sharded and checkpointed.
-  config = tiny_config(data_dir, "mode=supervised,optimizer.name=sgd,"
+  # The full RML step (teachers, prototypes, CutMix) on the real input pipeline.
+  config = tiny_config(data_dir, "mode=rml,optimizer.name=sgd,"
                                  "optimizer.learning_rate=0.01,optimizer.warmup_steps=0")
   config.labeled_batch_size = config.unlabeled_batch_size = 8
   return config
@@ -59,7 +58,9 @@ def main():
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=process_id, initialization_timeout=120)
   from rml_jax import checkpoint, sharding, state, step
+  from tests.conftest import use_smooth_activation
 
+  use_smooth_activation()
   config = _config(data_dir)
   assert jax.device_count() == 8, jax.devices()
   mesh = sharding.create_mesh(config.mesh)

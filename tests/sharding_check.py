@@ -1,5 +1,6 @@
 """Run under 8 fake CPU devices (tests/test_sharding.py): a few train steps and an eval step on
-one device and on several meshes, printing the largest differences as JSON."""
+one device and on several meshes, printing the largest differences as JSON. The models use GELU
+for ReLU here (tests/conftest.py: use_smooth_activation says why)."""
 
 import json
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 from configs import digits
 from rml_jax import metrics as metrics_lib
 from rml_jax import sharding, state, step
+from tests.conftest import use_smooth_activation
 
 NUM_CLASSES = 11
 
@@ -47,6 +49,7 @@ def run(config, devices, fsdp: int, steps: int = 3):
 
 
 def main():
+  use_smooth_activation()
   # "rml" or "iml", optionally with config overrides after a colon: "rml:augment.cutmix_prob=0.0"
   mode, _, extra = sys.argv[1].partition(":")
   arg = (f"tiny,mode={mode},optimizer.name=sgd,optimizer.learning_rate=0.01,"

@@ -66,8 +66,6 @@ def test_two_processes_read_the_same_global_batch_and_checkpoint(runs):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.xfail(strict=True, reason="open: from the second step on, the two-process gradients "
-                   "differ from one process by up to 2e-4 (relative, in norm); the losses agree")
 def test_two_processes_match_one_process_over_all_steps(runs):
   reference, result, single_state, multi_state = runs
   for got, want in zip(result["history"], reference["history"]):

@@ -14,28 +14,9 @@ from rml_jax import sharding
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cpu_flags() -> set[str]:
-  """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
-  except OSError:
-    return set()
-
-
-# Open (issue 6): on an AVX-512 + AMX Xeon, with the packages pip resolved on 2026-11-26, one
-# iml/rml step gives kernel gradients up to 0.3% apart between 1 and 8 devices while the losses
-# agree to 4e-7 (exact without CutMix, or with joint BN statistics). The same commit passed on
-# the earlier sessions' machines. Strict: the day it passes there, this mark must go.
-KNOWN_AVX512_MISMATCH = pytest.mark.xfail(
-    "avx512f" in _cpu_flags(), strict=True,
-    reason="1 vs 8 devices: labeled-pass BN statistics + CutMix drift on AVX-512 CPUs (open)")
-
-
 @pytest.mark.parametrize("mode", [
-    pytest.param("rml", marks=KNOWN_AVX512_MISMATCH),  # the richest step: teachers, prototypes
-    # The same step without CutMix must match on every CPU (7e-7 on the AVX-512 one).
-    "rml:augment.cutmix_prob=0.0",
+    "rml",  # the richest step: teachers, prototypes, CutMix across shard boundaries
+    "iml:rml.bn_stats=joint",  # one student pass over the labeled + strong batch concatenated
 ])
 def test_meshes_match_one_device(mode):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
