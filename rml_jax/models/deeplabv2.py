@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rml_jax.models.resnet import ResNet
+from rml_jax.models.resnet import Conv3x3, ResNet
 
 
 class ASPPSum(nn.Module):
@@ -22,9 +22,9 @@ class ASPPSum(nn.Module):
   def __call__(self, features: jax.Array) -> jax.Array:
     logits = 0.0
     for i, rate in enumerate(self.rates):
-      logits = logits + nn.Conv(
-          self.num_classes, (3, 3), padding=rate, kernel_dilation=rate, dtype=self.dtype,
-          kernel_init=nn.initializers.normal(0.01), name=f"branch{i}")(features)
+      logits = logits + Conv3x3(
+          self.num_classes, dilation=rate, use_bias=True,
+          kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name=f"branch{i}")(features)
     return logits
 
 

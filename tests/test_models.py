@@ -1,0 +1,55 @@
+"""Model building blocks against their plain definitions."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rml_jax.models.resnet import Conv3x3
+
+
+def _full_conv(x, kernel, stride, dilation):
+  """The definition: all nine taps, zero padding `dilation` on each side."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(dilation, dilation)] * 2,
+                                      rhs_dilation=(dilation, dilation),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("dilation", [1, 4, 6, 9, 24])  # 5x9 map: skips rows from 5, cols from 9
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3x3_that_skips_padding_taps_is_the_full_convolution(dilation, stride):
+  rng = np.random.default_rng(dilation + 10 * stride)
+  x = jnp.asarray(rng.normal(size=(2, 5, 9, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 4)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=_full_conv(x, kernel, stride, dilation).shape),
+                          jnp.float32)
+  module = Conv3x3(4, stride, dilation, use_bias=True)
+  params = {"params": {"kernel": kernel, "bias": bias}}
+
+  def ours(x, params):
+    return jnp.sum(module.apply(params, x) * cotangent)
+
+  def reference(x, params):
+    p = params["params"]
+    return jnp.sum((_full_conv(x, p["kernel"], stride, dilation) + p["bias"]) * cotangent)
+
+  got, want = module.apply(params, x), _full_conv(x, kernel, stride, dilation) + bias
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  got_grads, want_grads = jax.grad(ours, (0, 1))(x, params), jax.grad(reference, (0, 1))(x, params)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)  # skipped taps: exactly zero in both
+
+
+def test_conv3x3_parameters_are_those_of_nn_conv():
+  """Same names, shapes and initial values: checkpoints and weight import are unaffected."""
+  x = jnp.zeros((1, 8, 8, 5))
+  init = nn.initializers.normal(0.01)
+  ours = Conv3x3(7, dilation=2, use_bias=True, kernel_init=init).init(jax.random.key(3), x)
+  flax_conv = nn.Conv(7, (3, 3), padding=2, kernel_dilation=2, kernel_init=init).init(
+      jax.random.key(3), x)
+  assert jax.tree.structure(ours) == jax.tree.structure(flax_conv)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_conv)):
+    np.testing.assert_array_equal(a, b)
