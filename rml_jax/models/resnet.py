@@ -35,8 +35,9 @@ class Conv3x3(nn.Module):
   [N, H, W, Cin] -> [N, H', W', features], the same function and parameters as nn.Conv (kernel
   [3, 3, Cin, features], optional bias [features]). With d >= H (or W) the off-centre rows (or
   columns) of the kernel only ever read zero padding: the convolution keeps the kernel rows and
-  columns that reach the image. Exact on every backend, and XLA:CPU's dilated convolutions cost
-  grows with the dilation (DeepLabv2's ASPP, rates 6-24 on an 8x16 map: about 7x faster).
+  columns that reach the image. Exact on every backend; it matters on XLA:CPU, whose dilated
+  convolutions slow down as the dilation grows (DeepLabv2's ASPP, rates 6-24 on an 8x16 map:
+  forward+backward about 6x faster).
   """
 
   features: int
