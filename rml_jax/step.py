@@ -176,8 +176,8 @@ def _update_learner(learner: Learner, model, tx, inputs: jax.Array, rng: jax.Arr
                     loss_fn, decay: jax.Array) -> tuple[Learner, dict[str, jax.Array]]:
   """One student update (grad, optimizer) and its teacher's EMA (eq. 4's mean teacher).
 
-  A non-finite loss or gradient leaves the learner unchanged (metric
-  `skipped` = 1): one bad batch cannot poison the weights or the teacher.
+  A non-finite loss or gradient leaves the learner unchanged (metric `skipped` = 1): one bad
+  batch cannot poison the weights or the teacher.
   """
 
   def objective(params):
