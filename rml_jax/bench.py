@@ -20,6 +20,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from rml_jax import compilation_cache
 from rml_jax.errors import run_program
 
 FLAGS = flags.FLAGS
@@ -31,6 +32,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
   flags.DEFINE_integer("input_batches", 50, "Batches drawn to time the input pipeline.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache directory "
+                      "(default off, so compile times are of a fresh compilation).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -81,6 +84,11 @@ def measured_peak(dtype: str = "float32") -> dict[str, float]:
   return {"matmul_flops_per_s": 2 * n**3 / matmul_s, "conv_flops_per_s": conv_flops / conv_s}
 
 
+def _progress(message: str) -> None:
+  """One line as each phase ends: a run stopped by a time limit still shows how far it got."""
+  print(f"[bench] {message}", flush=True)
+
+
 def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
   import jax
 
@@ -92,14 +100,21 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
   init_fn = state.make_init_fn(config, num_classes)
   _, shardings = state.abstract_train_state(init_fn, mesh)
   train_fn, _, _ = step.jit_steps(step_config, shardings, mesh)
+  start = time.perf_counter()
   train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
+  jax.block_until_ready(train_state)
+  init_s = time.perf_counter() - start  # the jitted initialisation, compilation included
+  _progress(f"state initialised in {init_s:.1f} s; compiling the train step")
   batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), mesh)
 
   start = time.perf_counter()
   lowered = train_fn.lower(train_state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = flops_per_call(lowered, compiled)
+  _progress(f"train step compiled in {compile_s:.1f} s" + (
+      f"; timing {warmup} + {steps} steps" if steps > 0 else ""))
+  flop_notes: list[str] = []
+  flops = flops_per_call(lowered, compiled, flop_notes)
 
   compiled_memory = compiled_memory_bytes(compiled)
 
@@ -137,16 +152,17 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
     if hasattr(iterator, "close"):
       iterator.close()
 
-  peak = measured_peak()
+  peak = measured_peak(config.get("dtype", "float32"))  # the step's compute dtype
   achieved = flops / step_s if step_s else None
   return {
       "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
       "config": {"model_a": config.model.name, "model_b": config.model_b.name or
                  config.model.name, "mode": config.rml.mode,
                  "crop_size": list(config.data.crop_size), "images_per_step": images},
-      "compile_s": compile_s, "step_s_median": step_s,
+      "init_s": init_s, "compile_s": compile_s, "step_s_median": step_s,
       "images_per_s": images / step_s if step_s else None,
-      "flops_per_step": flops, "achieved_flops_per_s": achieved,
+      "flops_per_step": flops, "flops_source": "; ".join(flop_notes),
+      "achieved_flops_per_s": achieved,
       "peak_matmul_flops_per_s": peak["matmul_flops_per_s"],
       "peak_conv_flops_per_s": peak["conv_flops_per_s"],
       "fraction_of_matmul_peak": achieved / peak["matmul_flops_per_s"] if achieved else None,
@@ -161,17 +177,23 @@ def _flops(cost) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def flops_per_call(lowered, compiled=None) -> float:
+def flops_per_call(lowered, compiled=None, notes: list[str] | None = None) -> float:
   """FLOPs of one call: XLA's cost analysis of the lowered (device-independent) module, else of
   the compiled one. The compiled count depends on the backend: on GPU, convolutions become cuDNN
-  custom calls that it does not count (a DeepLabv2-R101 step reads 1.4 of its 9.8 TFLOP)."""
-  for analysed in (lowered, compiled):
+  custom calls that it does not count (a DeepLabv2-R101 step reads 1.4 of its 9.8 TFLOP).
+  `notes`, if given, receives which count was used and why the lowered one was not."""
+  for source, analysed in (("lowered", lowered), ("compiled", compiled)):
     try:
       flops = _flops(analysed.cost_analysis()) if analysed is not None else None
-    except Exception:  # noqa: BLE001 - some backends or versions have no cost analysis
-      flops = None
+      reason = "no positive 'flops' entry"
+    except Exception as e:  # noqa: BLE001 - some backends or versions have no cost analysis
+      flops, reason = None, f"{type(e).__name__}: {str(e)[:200]}"
     if flops:
+      if notes is not None:
+        notes.append(f"FLOPs from the {source} module")
       return flops
+    if notes is not None and analysed is not None:
+      notes.append(f"{source} cost analysis unusable ({reason})")
   return float("nan")
 
 
@@ -192,11 +214,12 @@ def format_report(result: dict) -> str:
   timed = result["step_s_median"] is not None
   lines = [
       f"device: {result['device']} x{result['num_devices']}; {result['config']}",
-      f"compile: {result['compile_s']:.1f} s",
+      f"state init: {result['init_s']:.1f} s; step compile: {result['compile_s']:.1f} s",
       (f"step: {result['step_s_median'] * 1e3:.1f} ms median -> "
        f"{result['images_per_s']:.1f} images/s") if timed else "step: not timed (--steps=0)",
       f"FLOPs per step: {result['flops_per_step'] / 1e9:.2f} GFLOP" + (
-          f"; achieved {giga(result['achieved_flops_per_s'])}" if timed else ""),
+          f"; achieved {giga(result['achieved_flops_per_s'])}" if timed else "")
+      + f" ({result.get('flops_source') or 'source unknown'})",
       f"measured peak: matmul {giga(result['peak_matmul_flops_per_s'])}, conv "
       f"{giga(result['peak_conv_flops_per_s'])}" + (
           f"; step / matmul peak = {result['fraction_of_matmul_peak']:.1%}" if timed else ""),
@@ -215,6 +238,7 @@ def format_report(result: dict) -> str:
 
 def main(argv):
   del argv
+  compilation_cache.enable(FLAGS.compilation_cache)
   result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.input_batches)
   print(format_report(result), flush=True)
   if FLAGS.json:

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rml_jax import compilation_cache
 from rml_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -23,6 +24,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                   "train (resumes), eval (latest checkpoint, val mIoU) or predict "
                   "(masks for --config.predict.input).")
+flags.DEFINE_string("compilation_cache", compilation_cache.DEFAULT_DIR, compilation_cache.HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,6 +48,8 @@ def main(argv):
   except OSError as e:
     _fail("--config: " + str(e).strip().splitlines()[-1].strip())
   import jax  # after flag parsing, so --help stays fast
+
+  compilation_cache.enable(FLAGS.compilation_cache)
 
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
     jax.distributed.initialize()

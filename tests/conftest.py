@@ -14,9 +14,11 @@ import jax  # noqa: E402
 
 from configs import digits  # noqa: E402
 
-# Runs in one test session compile the same steps: reuse compiled executables across them.
-jax.config.update("jax_compilation_cache_dir", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), "rml_jax_test_jax_cache"))
+# Runs in one test session compile the same steps: reuse compiled executables across them
+# (the environment variable carries it to the subprocesses that run rml_jax.main).
+TEST_JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "rml_jax_test_jax_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", TEST_JAX_CACHE)
+jax.config.update("jax_compilation_cache_dir", TEST_JAX_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -41,3 +41,21 @@ def test_flops_count_convolutions_analytically():
   lowered = conv.lower(jnp.ones((n, size, size, c_in)), jnp.ones((3, 3, c_in, c_out)))
   expected = 2 * n * (size - 2) ** 2 * c_in * c_out * 9
   assert abs(bench.flops_per_call(lowered) - expected) <= 0.01 * expected
+
+
+def test_flops_fall_back_to_the_compiled_module_and_say_why():
+  class NoAnalysis:
+    def cost_analysis(self):
+      raise NotImplementedError("not on this backend")
+
+  class Counted:
+    def cost_analysis(self):
+      return {"flops": 123.0}
+
+  notes = []
+  assert bench.flops_per_call(NoAnalysis(), Counted(), notes) == 123.0
+  assert notes == ["lowered cost analysis unusable (NotImplementedError: not on this backend)",
+                   "FLOPs from the compiled module"]
+  notes = []
+  assert bench.flops_per_call(Counted(), NoAnalysis(), notes) == 123.0
+  assert notes == ["FLOPs from the lowered module"]

@@ -69,3 +69,27 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
   assert same == (bn_stats == "labeled")
   for key in ("loss_a", "loss_b", "sup_loss_a", "unsup_loss_a", "teacher_tv"):
     assert np.isfinite(float(metrics[key]))
+
+
+@pytest.mark.parametrize("model_b", ["", "setr_naive_tiny"])
+def test_initial_students_are_each_models_own_init(model_b):
+  """Same-architecture students are initialised in one vmapped call: each must still equal its
+  model's own init from its own key (and the two differ); a heterogeneous pair takes the plain
+  path. Teachers start equal to their students."""
+  config = tiny_config("/unused", f"model_b.name={model_b}" if model_b else "")
+  init_fn = state.make_init_fn(config, 10)
+  initial = jax.jit(init_fn)(jax.random.key(3))
+  rng_a, rng_b, _ = jax.random.split(jax.random.key(3), 3)
+  image = jnp.zeros((1, *config.data.crop_size, 3), jnp.float32)
+  for learner, model, rng in ((initial.learner_a, initial.model_a, rng_a),
+                              (initial.learner_b, initial.model_b, rng_b)):
+    # jitted like the state's init (eager op-by-op evaluation rounds differently by an ulp)
+    expected = jax.jit(lambda r, m=model: m.init({"params": r}, image, train=False))(rng)
+    jax.tree.map(np.testing.assert_array_equal, learner.params, expected["params"])
+    jax.tree.map(np.testing.assert_array_equal, learner.ema_params, expected["params"])
+    jax.tree.map(np.testing.assert_array_equal, learner.batch_stats,
+                 expected.get("batch_stats", {}))
+  if not model_b:
+    kernels = [(a, b) for a, b in zip(jax.tree.leaves(initial.learner_a.params),
+                                      jax.tree.leaves(initial.learner_b.params)) if a.ndim == 4]
+    assert kernels and all(not np.array_equal(a, b) for a, b in kernels)

@@ -19,6 +19,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from rml_jax import compilation_cache
 from rml_jax.config_args import apply_overrides
 from rml_jax.errors import UserError, run_program
 
@@ -49,6 +50,7 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output folder (runs, table, CSV, plot).")
   flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the labeled subset stays fixed).")
   flags.DEFINE_list("rungs", list(RUNGS), f"Rungs to run, from {list(RUNGS)}.")
+  flags.DEFINE_string("compilation_cache", compilation_cache.DEFAULT_DIR, compilation_cache.HELP)
   flags.DEFINE_string("set", "", "Extra overrides for every rung, e.g. 'total_steps=500'.")
   flags.mark_flags_as_required(["config", "out"])
 
@@ -124,6 +126,7 @@ def main(argv):
   del argv
   from rml_jax import train  # after flag parsing
 
+  compilation_cache.enable(FLAGS.compilation_cache)
   base = FLAGS.config
   unknown = [r for r in FLAGS.rungs if r not in RUNGS]
   if unknown:
