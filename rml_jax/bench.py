@@ -32,6 +32,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
   flags.DEFINE_integer("input_batches", 50, "Batches drawn to time the input pipeline.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.DEFINE_bool("pieces", False, "Also time the step's parts alone: both teachers' forward "
+                    "passes, one student's forward and forward+backward, one update + EMA.")
   flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache directory "
                       "(default off, so compile times are of a fresh compilation).")
   flags.mark_flags_as_required(["config"])
@@ -89,7 +91,57 @@ def _progress(message: str) -> None:
   print(f"[bench] {message}", flush=True)
 
 
-def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
+def time_pieces(cfg, train_state, batch: dict, repeats: int = 5) -> dict[str, float]:
+  """Median seconds of the parts of one train step, each jitted alone, to see where a step's
+  time goes (learner a stands for both students; cfg is the step's StepConfig):
+    teachers_forward: both mean teachers on the weak unlabeled view (absent when supervised);
+    student_forward: student a in train mode on labeled + strong images;
+    student_forward_backward: the gradient of its cross entropy there;
+    update: one optimizer step and EMA teacher update of learner a from that gradient.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from rml_jax import losses, step
+
+  learner, model, tx = train_state.learner_a, train_state.model_a, train_state.tx
+  labeled = step.normalize(batch["labeled"]["image"], cfg)
+  images, labels = labeled, batch["labeled"]["label"]
+  pieces = {}
+  if "unlabeled" in batch:
+    weak = step.normalize(batch["unlabeled"]["weak"], cfg)
+    images = jnp.concatenate([labeled, step.normalize(batch["unlabeled"]["strong"], cfg)])
+    labels = jnp.concatenate([labels, jnp.zeros_like(batch["unlabeled"]["label"])])
+    teachers = jax.jit(lambda s, x: (step.teacher_outputs(s.model_a, s.learner_a, x)["logits"],
+                                     step.teacher_outputs(s.model_b, s.learner_b, x)["logits"]))
+    pieces["teachers_forward"] = _timed(teachers, train_state, weak, repeats=repeats)
+
+  def loss(params, learner, images, labels):
+    outputs, _ = model.apply({"params": params, "batch_stats": learner.batch_stats}, images,
+                             train=True, rngs={"dropout": jax.random.key(0)},
+                             mutable=["batch_stats"])
+    return losses.cross_entropy(outputs["logits"], labels, cfg.ignore_index)
+
+  forward = jax.jit(lambda student, x, y: loss(student.params, student, x, y))
+  gradient = jax.jit(lambda student, x, y: jax.grad(loss)(student.params, student, x, y))
+  pieces["student_forward"] = _timed(forward, learner, images, labels, repeats=repeats)
+  pieces["student_forward_backward"] = _timed(gradient, learner, images, labels,
+                                              repeats=repeats)
+
+  @jax.jit
+  def update(learner, grads):
+    updates, opt_state = tx.update(grads, learner.opt_state, learner.params)
+    params = optax.apply_updates(learner.params, updates)
+    ema = jax.tree.map(lambda t, p: 0.999 * t + 0.001 * p, learner.ema_params, params)
+    return params, opt_state, ema
+
+  pieces["update"] = _timed(update, learner, gradient(learner, images, labels), repeats=repeats)
+  return pieces
+
+
+def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool = False
+              ) -> dict:
   import jax
 
   from rml_jax import datasets, input_pipeline, sharding, state, step
@@ -152,6 +204,7 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
     if hasattr(iterator, "close"):
       iterator.close()
 
+  step_pieces = time_pieces(step_config, train_state, batch) if pieces else None
   peak = measured_peak(config.get("dtype", "float32"))  # the step's compute dtype
   achieved = flops / step_s if step_s else None
   return {
@@ -167,7 +220,7 @@ def benchmark(config, steps: int, warmup: int, input_batches: int) -> dict:
       "peak_conv_flops_per_s": peak["conv_flops_per_s"],
       "fraction_of_matmul_peak": achieved / peak["matmul_flops_per_s"] if achieved else None,
       "peak_memory_bytes": memory, "compiled_memory_bytes": compiled_memory,
-      "input_pipeline_images_per_s": input_images_per_s,
+      "input_pipeline_images_per_s": input_images_per_s, "pieces_s": step_pieces,
   }
 
 
@@ -233,13 +286,17 @@ def format_report(result: dict) -> str:
         for name in ("argument", "output", "temp", "alias", "total")))
   if result["input_pipeline_images_per_s"] is not None:
     lines.append(f"input pipeline alone: {result['input_pipeline_images_per_s']:.0f} images/s")
+  if result.get("pieces_s"):
+    lines.append("pieces, each alone: " + ", ".join(
+        f"{name} {seconds * 1e3:.1f} ms" for name, seconds in result["pieces_s"].items()))
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
   compilation_cache.enable(FLAGS.compilation_cache)
-  result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.input_batches)
+  result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.input_batches,
+                     FLAGS.pieces)
   print(format_report(result), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

@@ -8,7 +8,7 @@ from tests.conftest import tiny_config
 
 def test_benchmark_figures_are_consistent(data_dir, tmp_path):
   config = tiny_config(data_dir)
-  result = bench.benchmark(config, steps=3, warmup=1, input_batches=3)
+  result = bench.benchmark(config, steps=3, warmup=1, input_batches=3, pieces=True)
   images = config.labeled_batch_size + config.unlabeled_batch_size
   assert result["config"]["images_per_step"] == images
   assert abs(result["images_per_s"] * result["step_s_median"] - images) < 1e-6
@@ -20,7 +20,14 @@ def test_benchmark_figures_are_consistent(data_dir, tmp_path):
   assert memory["argument"] > 0 and memory["temp"] > 0
   assert memory["total"] == memory["argument"] + memory["output"] + memory["temp"] - \
       memory["alias"]
+  pieces = result["pieces_s"]
+  assert set(pieces) == {"teachers_forward", "student_forward", "student_forward_backward",
+                         "update"}
+  # the backward pass adds at least the forward's work; every piece is a real, timed call
+  assert pieces["student_forward_backward"] > pieces["student_forward"] > 0
+  assert pieces["teachers_forward"] > 0 and pieces["update"] > 0
   report = bench.format_report(result)
+  assert "pieces, each alone: teachers_forward" in report
   assert "compiled step memory" in report
   assert "images/s" in report and "GFLOP" in report
   path = tmp_path / "bench.json"
