@@ -166,7 +166,11 @@ def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool 
   _progress(f"train step compiled in {compile_s:.1f} s" + (
       f"; timing {warmup} + {steps} steps" if steps > 0 else ""))
   flop_notes: list[str] = []
-  flops = flops_per_call(lowered, compiled, flop_notes)
+  cpu_lowering = None
+  if jax.default_backend() != "cpu":  # the device-independent count, if this backend has none
+    cpu_lowering = lambda: train_fn.trace(train_state, batch).lower(  # noqa: E731
+        lowering_platforms=("cpu",))
+  flops = flops_per_call(lowered, compiled, flop_notes, cpu_lowering)
 
   compiled_memory = compiled_memory_bytes(compiled)
 
@@ -230,14 +234,23 @@ def _flops(cost) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def flops_per_call(lowered, compiled=None, notes: list[str] | None = None) -> float:
-  """FLOPs of one call: XLA's cost analysis of the lowered (device-independent) module, else of
-  the compiled one. The compiled count depends on the backend: on GPU, convolutions become cuDNN
-  custom calls that it does not count (a DeepLabv2-R101 step reads 1.4 of its 9.8 TFLOP).
-  `notes`, if given, receives which count was used and why the lowered one was not."""
-  for source, analysed in (("lowered", lowered), ("compiled", compiled)):
+def flops_per_call(lowered, compiled=None, notes: list[str] | None = None,
+                   cpu_lowering=None) -> float:
+  """FLOPs of one call: XLA's cost analysis of the lowered module, else of the same program
+  lowered for the CPU (`cpu_lowering`: a function returning it, called only when needed), else of
+  the compiled module. The compiled count depends on the backend: on GPU, convolutions become
+  cuDNN custom calls that it does not count (a DeepLabv2-R101 step reads 1.4 of its 9.8 TFLOP).
+  `notes`, if given, receives which count was used and why the ones before it were not."""
+  candidates = (("lowered", lambda: lowered), ("CPU-lowered", cpu_lowering),
+                ("compiled", lambda: compiled))
+  for source, get in candidates:
+    if get is None:
+      continue
     try:
-      flops = _flops(analysed.cost_analysis()) if analysed is not None else None
+      analysed = get()
+      if analysed is None:
+        continue
+      flops = _flops(analysed.cost_analysis())
       reason = "no positive 'flops' entry"
     except Exception as e:  # noqa: BLE001 - some backends or versions have no cost analysis
       flops, reason = None, f"{type(e).__name__}: {str(e)[:200]}"
@@ -245,7 +258,7 @@ def flops_per_call(lowered, compiled=None, notes: list[str] | None = None) -> fl
       if notes is not None:
         notes.append(f"FLOPs from the {source} module")
       return flops
-    if notes is not None and analysed is not None:
+    if notes is not None:
       notes.append(f"{source} cost analysis unusable ({reason})")
   return float("nan")
 

@@ -66,3 +66,26 @@ def test_flops_fall_back_to_the_compiled_module_and_say_why():
   notes = []
   assert bench.flops_per_call(Counted(), NoAnalysis(), notes) == 123.0
   assert notes == ["FLOPs from the lowered module"]
+
+
+def test_flops_from_a_cpu_lowering_when_the_backend_gives_none():
+  """The fallback a GPU run takes: the same program lowered for the CPU counts the
+  convolution analytically."""
+  import jax
+  import jax.numpy as jnp
+
+  class NoAnalysis:
+    def cost_analysis(self):
+      return {}
+
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  args = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 12))
+  notes = []
+  flops = bench.flops_per_call(
+      NoAnalysis(), NoAnalysis(), notes,
+      cpu_lowering=lambda: conv.trace(*args).lower(lowering_platforms=("cpu",)))
+  expected = 2 * 2 * 14 * 14 * 8 * 12 * 9
+  assert abs(flops - expected) <= 0.01 * expected
+  assert notes == ["lowered cost analysis unusable (no positive 'flops' entry)",
+                   "FLOPs from the CPU-lowered module"]
