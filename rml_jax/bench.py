@@ -67,14 +67,22 @@ def _timed(fn, *args, repeats: int = 5) -> float:
 
 
 def measured_peak(dtype: str = "float32") -> dict[str, float]:
-  """FLOP/s of a large matmul and a large 3x3 convolution on the default device."""
+  """FLOP/s of a large matmul and a large 3x3 convolution on the default device.
+
+  The matmul is the one the models' 1x1 convolutions run: in bfloat16 on the CPU, bfloat16
+  operands with a float32 result (`resnet.accumulates_in_float32`), which uses the CPU's
+  bfloat16 matrix units where it has them.
+  """
   import jax
   import jax.numpy as jnp
+
+  from rml_jax.models.resnet import accumulates_in_float32
 
   on_cpu = jax.devices()[0].platform == "cpu"
   n = 1024 if on_cpu else 8192
   a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
+  result = jnp.float32 if accumulates_in_float32(jnp.dtype(dtype)) else None
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=result))
   matmul_s = _timed(matmul, a, a)
   batch, size, channels = (8, 56, 128) if on_cpu else (64, 56, 256)
   x = jnp.ones((batch, size, size, channels), dtype)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rml_jax.models.resnet import Conv3x3
+from rml_jax.models.resnet import Conv1x1, Conv3x3
 
 
 def _full_conv(x, kernel, stride, dilation):
@@ -53,3 +53,31 @@ def test_conv3x3_parameters_are_those_of_nn_conv():
   assert jax.tree.structure(ours) == jax.tree.structure(flax_conv)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_conv)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_conv1x1_in_bfloat16_rounds_a_float32_sum_once():
+  """bfloat16 inputs, products summed in float32, one rounding to bfloat16 (CPU path): over a
+  4096-long sum the result stays within one bfloat16 step of the exact sum of the rounded inputs.
+  Same parameters as the float32 module; the gradient matches float32's to bfloat16 precision."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 4096)), jnp.float32)
+  module16, module32 = Conv1x1(16, dtype=jnp.bfloat16), Conv1x1(16)
+  params = module32.init(jax.random.key(0), x)
+  assert jax.tree.structure(module16.init(jax.random.key(0), x)) == jax.tree.structure(params)
+  kernel = params["params"]["kernel_dense"]["kernel"]
+  got = module16.apply(params, x)
+  assert got.dtype == jnp.bfloat16
+  if jax.default_backend() == "cpu":  # the fast CPU path: bfloat16 operands, a float32 result
+    dots = [line for line in jax.jit(module16.apply).lower(params, x).as_text().splitlines()
+            if "dot_general" in line]
+    assert len(dots) == 1 and "bf16>) -> tensor<2x3x4x16xf32>" in dots[0], dots
+  as64 = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+  exact = np.einsum("nhwc,cd->nhwd", as64(x), as64(kernel))
+  step = np.abs(exact) * 2.0**-8 + 1e-30  # one bfloat16 rounding (8 significant bits)
+  assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= step)
+  cotangent = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+  loss = lambda module: lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32) * cotangent)  # noqa: E731
+  grad16, grad32 = jax.grad(loss(module16))(params), jax.grad(loss(module32))(params)
+  g16, g32 = (g["params"]["kernel_dense"]["kernel"] for g in (grad16, grad32))
+  assert g16.dtype == jnp.float32
+  np.testing.assert_allclose(g16, g32, rtol=0, atol=2e-2 * float(jnp.max(jnp.abs(g32))))
