@@ -41,12 +41,12 @@ class Conv1x1(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.stride > 1:
       x = x[:, :: self.stride, :: self.stride, :]
+    dot_general = jax.lax.dot_general
     if accumulates_in_float32(self.dtype):
-      float32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-      dense = nn.Dense(self.features, use_bias=False, dtype=self.dtype, dot_general=float32_dot,
-                       name="kernel_dense")
-      return dense(x).astype(self.dtype)
-    return nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="kernel_dense")(x)
+      dot_general = functools.partial(dot_general, preferred_element_type=jnp.float32)
+    y = nn.Dense(self.features, use_bias=False, dtype=self.dtype, dot_general=dot_general,
+                 name="kernel_dense")(x)
+    return y.astype(self.dtype)
 
 
 class Conv3x3(nn.Module):
