@@ -12,8 +12,8 @@ prepares them once under config.data.data_dir. ImageNet weights come from
 
 import ml_collections
 
-from configs import digits
-from rml_jax.config_args import apply_overrides
+from configs import default
+from rml_jax.config_args import apply_overrides, split_presets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,11 +21,9 @@ SPLITS = ("1_30", "1_8", "1_4")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = digits.get_config()
+  config = default.get_config()  # the paper's method: RML, DeepLabv2-R101, SGD, two stages
   config.data.update(dict(
       name="cityscapes",
-      manual_dir="",  # the folder holding the two Cityscapes zips
-      train_split="train",
       val_split="validation",
       split="1_8",
       resize=(512, 1024),  # paper: images resized to 1024x512 ...
@@ -35,50 +33,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
       worker_count=8,
-      prefetch=4,
   ))
-  config.model.update(dict(
-      name="deeplabv2_resnet101",
-      dropout_rate=0.5,  # paper: dropout 0.5 before the classifier
-      survival_prob=0.8,  # paper: stochastic depth, survival 0.8 per residual block
-      frozen_bn=True,  # DeepLabv2 fine-tunes with frozen ImageNet batch-norm statistics
-      init_from="",  # ImageNet ResNet-101 from `python -m rml_jax.convert`; "" = from scratch
-  ))
-  config.optimizer.update(dict(
-      name="sgd", learning_rate=1e-4, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
-      warmup_steps=0))  # paper: SGD, lr 1e-4, polynomial decay; weight decay as DeepLabv2
-  config.rml.update(dict(
-      mode="rml",
-      threshold=0.9,
-      ema_decay=0.999,
-      bn_stats="joint",
-      stages=2,  # paper: two stages of 90k iterations
-      stage_restart="init",
-      prototype_momentum=0.9999,  # paper, eq. 11
-  ))
-  config.labeled_batch_size = 4  # paper: batch size 4
-  config.unlabeled_batch_size = 4
-  config.eval_batch_size = 8
-  config.total_steps = 90_000
-  config.log_every = 100
-  config.eval_every = 5_000
-  config.checkpoint_every = 1_000
-  config.num_image_summaries = 2
+  # DeepLabv2 fine-tunes with frozen ImageNet batch-norm statistics; the ImageNet ResNet-101
+  # comes from `python -m rml_jax.convert` (config.model.init_from).
+  config.model.frozen_bn = True
   # Paper protocol: whole images at the training resolution (1024x512). For full resolution
   # sliding windows: eval.protocol=sliding, eval.resize=None (window = the crop, stride 2/3).
-  config.eval.update(dict(protocol="whole", resize=(512, 1024), window=None, flip=False))
+  config.eval.resize = (512, 1024)
   return apply_overrides(config, arg, presets=presets())
 
 
 def presets() -> dict:
   """Arg presets: the split names, `full` and `cpu`."""
-  return {**{name: _split(name) for name in SPLITS}, "full": _full, "cpu": _cpu}
-
-
-def _split(name: str):
-  def preset(config: ml_collections.ConfigDict) -> None:
-    config.data.split = name
-  return preset
+  return {**split_presets(SPLITS), "full": _full, "cpu": _cpu}
 
 
 def _full(config: ml_collections.ConfigDict) -> None:

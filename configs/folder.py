@@ -37,28 +37,12 @@ from rml_jax.config_args import apply_overrides
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = digits.get_config()
-  config.data.update(dict(
+  config.data.update(dict(  # the folder fields' defaults are configs/default.py's
       name="image_folder",
-      root="",
-      images_dir="images",
-      labels_dir="labels",
-      label_suffix="",
-      unlabeled_dir="unlabeled",
-      val_images_dir="",
-      val_labels_dir="",
-      val_holdout=0,
-      class_names=("background", "foreground"),
-      label_map=((0, 0), (255, 1)),
-      ignore_value=-1,
       labeled_fraction=1.0,
-      split_dir="",
-      train_split="train",
-      val_split="val",
       crop_size=(128, 128),
       scale_range=(0.5, 1.0),
       flip=True,
-      mean=(0.5, 0.5, 0.5),
-      std=(0.25, 0.25, 0.25),
   ))
   config.eval_batch_size = 4
   config.eval.update(dict(protocol="sliding", window=None, stride=2 / 3))

@@ -12,7 +12,7 @@ SegmentationClassAug/ or SBD's benchmark_RELEASE/ (rml_jax/datasets/voc_aug).
 import ml_collections
 
 from configs import city
-from rml_jax.config_args import apply_overrides
+from rml_jax.config_args import apply_overrides, split_presets
 
 SPLITS = ("1_100", "1_50", "1_20", "1_8")
 
@@ -39,11 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def presets() -> dict:
-  def split(name):
-    def preset(config):
-      config.data.split = name
-    return preset
-  return {**{name: split(name) for name in SPLITS}, "cpu": _cpu}
+  """Arg presets: the split names and `cpu`."""
+  return {**split_presets(SPLITS), "cpu": _cpu}
 
 
 def _cpu(config: ml_collections.ConfigDict) -> None:

@@ -21,7 +21,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from rml_jax import compilation_cache
+from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import run_program
+from rml_jax.step import MODES
 
 FLAGS = flags.FLAGS
 
@@ -46,10 +48,10 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
   image = lambda n: rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)  # noqa: E731
   batch = {"labeled": {"image": image(bl), "label": rng.integers(0, 2, (bl, h, w)).astype(
       np.int32)}}
-  if config.rml.mode != "supervised":
+  if MODES[config.rml.mode].unlabeled:
     batch["unlabeled"] = {"weak": image(bu), "strong": image(bu), "valid": np.ones((bu, h, w),
                                                                                    bool),
-                          "label": np.full((bu, h, w), 255, np.int32)}
+                          "label": np.full((bu, h, w), IGNORE_LABEL, np.int32)}
   return batch
 
 
@@ -99,52 +101,62 @@ def _progress(message: str) -> None:
   print(f"[bench] {message}", flush=True)
 
 
-def time_pieces(cfg, train_state, batch: dict, repeats: int = 5) -> dict[str, float]:
-  """Median seconds of the parts of one train step, each jitted alone, to see where a step's
-  time goes (learner a stands for both students; cfg is the step's StepConfig):
-    teachers_forward: both mean teachers on the weak unlabeled view (absent when supervised);
-    student_forward: student a in train mode on labeled + strong images;
-    student_forward_backward: the gradient of its cross entropy there;
-    update: one optimizer step and EMA teacher update of learner a from that gradient.
+def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str, float]:
+  """Median seconds of the train step's own functions (step.py), each jitted alone, to see where
+  a step's time goes (learner a stands for both students):
+    pseudo_labels: step.unlabeled_targets, both sources' pseudo labels and CutMix (absent when
+      supervised);
+    student_forward: step.student_logits and the student's loss;
+    student_forward_backward: step.student_gradients of that loss;
+    update: step.apply_update, one optimizer step and EMA teacher update of learner a.
   """
   import jax
   import jax.numpy as jnp
-  import optax
 
-  from rml_jax import losses, step
+  from rml_jax import inference, step
 
+  cfg = program.step_config
+  mode = step.MODES[cfg.mode]
   learner, model, tx = train_state.learner_a, train_state.model_a, train_state.tx
-  labeled = step.normalize(batch["labeled"]["image"], cfg)
-  images, labels = labeled, batch["labeled"]["label"]
+  now = train_state.step
+  rng = jax.random.key(0)
+  labeled = inference.normalize(batch["labeled"]["image"], cfg.mean, cfg.std)
+  labels = batch["labeled"]["label"]
   pieces = {}
-  if "unlabeled" in batch:
-    weak = step.normalize(batch["unlabeled"]["weak"], cfg)
-    images = jnp.concatenate([labeled, step.normalize(batch["unlabeled"]["strong"], cfg)])
-    labels = jnp.concatenate([labels, jnp.zeros_like(batch["unlabeled"]["label"])])
-    teachers = jax.jit(lambda s, x: (step.teacher_outputs(s.model_a, s.learner_a, x)["logits"],
-                                     step.teacher_outputs(s.model_b, s.learner_b, x)["logits"]))
-    pieces["teachers_forward"] = _timed(teachers, train_state, weak, repeats=repeats)
-
-  def loss(params, learner, images, labels):
-    outputs, _ = model.apply({"params": params, "batch_stats": learner.batch_stats}, images,
-                             train=True, rngs={"dropout": jax.random.key(0)},
-                             mutable=["batch_stats"])
-    return losses.cross_entropy(outputs["logits"], labels, cfg.ignore_index)
-
-  forward = jax.jit(lambda student, x, y: loss(student.params, student, x, y))
-  gradient = jax.jit(lambda student, x, y: jax.grad(loss)(student.params, student, x, y))
-  pieces["student_forward"] = _timed(forward, learner, images, labels, repeats=repeats)
-  pieces["student_forward_backward"] = _timed(gradient, learner, images, labels,
-                                              repeats=repeats)
 
   @jax.jit
-  def update(learner, grads):
-    updates, opt_state = tx.update(grads, learner.opt_state, learner.params)
-    params = optax.apply_updates(learner.params, updates)
-    ema = jax.tree.map(lambda t, p: 0.999 * t + 0.001 * p, learner.ema_params, params)
-    return params, opt_state, ema
+  def targets(state, unlabeled):
+    _, strong, pseudo = step.unlabeled_targets(state, unlabeled, rng, now, cfg, {})
+    inputs = ((labeled, strong) if cfg.bn_stats == "labeled"
+              else jnp.concatenate([labeled, strong], axis=0))
+    return inputs, tuple(pseudo[source] for source in mode.routes[0])
 
-  pieces["update"] = _timed(update, learner, gradient(learner, images, labels), repeats=repeats)
+  if mode.unlabeled:
+    pieces["pseudo_labels"] = _timed(targets, train_state, batch["unlabeled"], repeats=repeats)
+    inputs, target = targets(train_state, batch["unlabeled"])
+  else:
+    inputs, target = labeled, ()
+  weight = step.unsup_weight_at(now, cfg.unsup_weight, cfg.unsup_rampup_steps)
+  loss_fn = step.student_loss_fn(labels, target, weight)
+
+  @jax.jit
+  def forward(student, inputs):
+    logits, _ = step.student_logits(model, student.params, student.batch_stats, inputs, rng)
+    return loss_fn(logits)[0]
+
+  @jax.jit
+  def gradients(student, inputs):
+    return step.student_gradients(student, model, inputs, rng, loss_fn)
+
+  @jax.jit
+  def update(student, loss, batch_stats, grads):
+    return step.apply_update(student, tx, loss, batch_stats, grads,
+                             step.ema_decay_at(now, cfg.ema_decay))
+
+  pieces["student_forward"] = _timed(forward, learner, inputs, repeats=repeats)
+  pieces["student_forward_backward"] = _timed(gradients, learner, inputs, repeats=repeats)
+  loss, batch_stats, _, grads = gradients(learner, inputs)
+  pieces["update"] = _timed(update, learner, loss, batch_stats, grads, repeats=repeats)
   return pieces
 
 
@@ -152,20 +164,17 @@ def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool 
               ) -> dict:
   import jax
 
-  from rml_jax import datasets, input_pipeline, sharding, state, step
+  from rml_jax import datasets, input_pipeline, sharding
+  from rml_jax.program import Program
 
-  num_classes = len(datasets.class_names(config.data))
-  mesh = sharding.create_mesh(config.mesh)
-  step_config = step.StepConfig.from_config(config, num_classes)
-  init_fn = state.make_init_fn(config, num_classes)
-  _, shardings = state.abstract_train_state(init_fn, mesh)
-  train_fn, _, _ = step.jit_steps(step_config, shardings, mesh)
+  program = Program.create(config)
+  train_fn = program.train_fn
   start = time.perf_counter()
-  train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
+  train_state = program.fresh_state(jax.random.key(0))
   jax.block_until_ready(train_state)
   init_s = time.perf_counter() - start  # the jitted initialisation, compilation included
   _progress(f"state initialised in {init_s:.1f} s; compiling the train step")
-  batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), mesh)
+  batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), program.mesh)
 
   start = time.perf_counter()
   lowered = train_fn.lower(train_state, batch)
@@ -194,8 +203,8 @@ def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool 
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - begin)
     step_s = statistics.median(times)
-  images = config.labeled_batch_size + (
-      config.unlabeled_batch_size if config.rml.mode != "supervised" else 0)
+  with_unlabeled = MODES[config.rml.mode].unlabeled
+  images = config.labeled_batch_size + (config.unlabeled_batch_size if with_unlabeled else 0)
 
   memory = None
   stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
@@ -207,7 +216,7 @@ def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool 
     sources = datasets.data_sources(config.data)
     labeled, unlabeled = datasets.split(config.data, sources)
     iterator = input_pipeline.train_iterator(config, sources.train, labeled, unlabeled,
-                                             config.rml.mode != "supervised")
+                                             with_unlabeled)
     next(iterator)  # worker start-up is not throughput
     begin = time.perf_counter()
     for _ in range(input_batches):
@@ -216,8 +225,8 @@ def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool 
     if hasattr(iterator, "close"):
       iterator.close()
 
-  step_pieces = time_pieces(step_config, train_state, batch) if pieces else None
-  peak = measured_peak(config.get("dtype", "float32"))  # the step's compute dtype
+  step_pieces = time_pieces(program, train_state, batch) if pieces else None
+  peak = measured_peak(config.dtype)  # the step's compute dtype
   achieved = flops / step_s if step_s else None
   return {
       "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
@@ -247,7 +256,7 @@ def flops_per_call(lowered, compiled=None, notes: list[str] | None = None,
   """FLOPs of one call: XLA's cost analysis of the lowered module, else of the same program
   lowered for the CPU (`cpu_lowering`: a function returning it, called only when needed), else of
   the compiled module. The compiled count depends on the backend: on GPU, convolutions become
-  cuDNN custom calls that it does not count (a DeepLabv2-R101 step reads 1.4 of its 9.8 TFLOP).
+  cuDNN custom calls that it does not count.
   `notes`, if given, receives which count was used and why the ones before it were not."""
   candidates = (("lowered", lambda: lowered), ("CPU-lowered", cpu_lowering),
                 ("compiled", lambda: compiled))

@@ -4,7 +4,6 @@ small JSON description of the run that restore checks before touching any array.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grain
@@ -14,13 +13,11 @@ from rml_jax.errors import UserError
 
 
 class Checkpointer:
-  """Saves and restores {'state', 'data' (grain iterator), 'meta'} under workdir/checkpoints."""
+  """Saves and restores {'state', 'data' (grain iterator), 'meta'} in `directory` (one
+  subdirectory per step)."""
 
-  def __init__(self, workdir: str, keep: int = 3, save_every: int = 1, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if read_only and not os.path.isdir(self.directory):
-      raise UserError(f"--workdir: no checkpoints under {self.directory}; expected a workdir "
-                      "written by a training run")
+  def __init__(self, directory: str, keep: int = 3, save_every: int = 1, read_only: bool = False):
+    self.directory = directory
     self._manager = ocp.CheckpointManager(
         self.directory,
         item_names=("state", "data", "meta"),

@@ -1,9 +1,9 @@
 """The persistent XLA compilation cache: compiled steps are reused by later runs.
 
-A DeepLabv2-R101 RML step takes about 85 s to compile on an H200 and its state initialisation
-as long again; with the cache, a resumed run, `--mode=eval` or a rerun of the same config skips
-both. Entries are keyed by the program, its shardings, the devices and the jax/XLA version, so a
-stale entry is never used.
+A DeepLabv2-R101 RML step and its state initialisation take minutes to compile on a GPU
+(docs/performance.md); with the cache, a resumed run, `--mode=eval` or a rerun of the same config
+skips both. Entries are keyed by the program, its shardings, the devices and the jax/XLA version,
+so a stale entry is never used.
 """
 
 from __future__ import annotations

@@ -53,3 +53,14 @@ def apply_overrides(config: ml_collections.ConfigDict, arg: str | None,
     except TypeError as e:
       raise UserError(f"config arg {key!r}: {e}") from None
   return config
+
+
+def split_presets(names: tuple[str, ...]) -> dict:
+  """Arg presets that set config.data.split, one per split folder name."""
+
+  def preset(name: str):
+    def set_split(config: ml_collections.ConfigDict) -> None:
+      config.data.split = name
+    return set_split
+
+  return {name: preset(name) for name in names}

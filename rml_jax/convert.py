@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
-from rml_jax.errors import UserError
-
-Tree = dict[str, Any]
-
+from rml_jax.errors import UserError, fail
+from rml_jax.weights import Tree, flatten, load, save, unflatten
 
 # ---------------------------------------------------------------------------------------------
-# Reading and writing.
+# Reading source checkpoints.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -54,43 +49,6 @@ def load_source(path: str) -> dict[str, np.ndarray]:
     with np.load(path) as data:
       return {k: data[k] for k in data.files}
   raise UserError(f"--src: {path}: expected a .pth, .safetensors or .npz file")
-
-
-def flatten(tree: Tree, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path))
-    else:
-      out[path] = np.asarray(value)
-  return out
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> Tree:
-  tree: Tree = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
-def save(path: str, variables: Tree) -> None:
-  """{'params': ..., 'batch_stats': ...} -> an .npz of flat '/'-joined keys."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flatten(variables))
-  os.replace(tmp, path)
-
-
-def load(path: str) -> Tree:
-  if not os.path.exists(path):
-    raise UserError(f"config.model.init_from: {path} does not exist; make it with "
-                    "`python -m rml_jax.convert`")
-  with np.load(path) as data:
-    return unflatten({k: data[k] for k in data.files})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,52 +175,6 @@ def vit_from_original_npz(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]
   return tree, unused + more_unused
 
 
-# ---------------------------------------------------------------------------------------------
-# Putting pretrained weights into a model's variables.
-# ---------------------------------------------------------------------------------------------
-
-
-def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, grid: tuple[int, int]
-                     ) -> np.ndarray:
-  """[1, 1 + g*g, D] (square pretraining grid) -> [1, 1 + h*w, D] by bilinear resampling."""
-  import jax
-
-  cls, tokens = pos_embed[:, :1], pos_embed[:, 1:]
-  side = int(round(np.sqrt(tokens.shape[1])))
-  if side * side != tokens.shape[1] or grid[0] * grid[1] + 1 != num_tokens:
-    raise UserError(f"pos_embed: cannot resize {pos_embed.shape} to {num_tokens} tokens")
-  grid_tokens = tokens.reshape(1, side, side, -1)
-  resized = jax.image.resize(grid_tokens, (1, *grid, tokens.shape[-1]), "bilinear",
-                             antialias=False)
-  return np.concatenate([cls, np.asarray(resized).reshape(1, -1, tokens.shape[-1])], axis=1)
-
-
-def merge_pretrained(variables: Tree, pretrained: Tree, source: str,
-                     token_grid: tuple[int, int] | None = None) -> tuple[Tree, list[str]]:
-  """Overwrites every leaf of `variables` that `pretrained` holds.
-
-  Returns (new variables, model leaves left as initialised). A pretrained leaf the model lacks,
-  or one of another shape, stops with one line naming it and both shapes (a position embedding
-  of another token count is resampled to `token_grid` instead).
-  """
-  flat_model = flatten(variables)
-  flat_new = dict(flat_model)
-  for path, value in flatten(pretrained).items():
-    if path not in flat_model:
-      raise UserError(f"{source}: parameter {path} {tuple(value.shape)} does not exist in this "
-                      "model (wrong architecture or depth?)")
-    want = tuple(flat_model[path].shape)
-    if tuple(value.shape) != want:
-      if path.endswith("pos_embed") and token_grid is not None and value.shape[-1] == want[-1]:
-        value = resize_pos_embed(value, want[1], token_grid)
-      else:
-        raise UserError(f"{source}: parameter {path} has shape {tuple(value.shape)} but the "
-                        f"model expects {want}")
-    flat_new[path] = np.asarray(value, flat_model[path].dtype)
-  kept = sorted(set(flat_model) - set(flatten(pretrained)))
-  return unflatten(flat_new), kept
-
-
 ARCHS = ("resnet50", "resnet101", "vit")
 
 
@@ -294,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     unused = convert(args.arch, args.src, args.out)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(e))
   variables = load(args.out)
   count = sum(v.size for v in flatten(variables.get("params", {})).values())
   print(f"Wrote {args.out}: {count:,} parameters ({count / 1e6:.1f}M).")

@@ -1,18 +1,30 @@
-"""The one exception type whose message is shown to the user as a single line."""
+"""The one exception type whose message is shown to the user as a single line, and the one place
+that turns it into `error: ...` with exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
 
 
 class UserError(Exception):
   """Bad input (config key, file, directory): the message names it and what was expected."""
 
 
-def run_program(main) -> None:
-  """absl app.run(main), with a UserError ending the program as one `error:` line, status 2."""
-  import sys
+def fail(message: str) -> NoReturn:
+  """Prints `error: <message>` on stderr and exits with status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
 
+
+def run_program(main: Callable, flags_parser: Callable | None = None) -> None:
+  """absl app.run(main), with a UserError ending the program as one `error:` line, status 2."""
   from absl import app
 
   try:
-    app.run(main)
+    if flags_parser is None:
+      app.run(main)
+    else:
+      app.run(main, flags_parser=flags_parser)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(str(e))

@@ -24,9 +24,8 @@ import numpy as np
 from absl import flags
 
 from rml_jax import augment, datasets, soft_labels
+from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import UserError
-
-IGNORE = 255
 
 
 def _ensure_flags_parsed():
@@ -59,7 +58,7 @@ def labeled_example(example: dict[str, Any], rng: np.random.Generator, *,
   image, maps = resize_example(np.asarray(example["image"]), {"label": _label_map(example)},
                                resize)
   image, maps = augment.weak_geometry(rng, image, maps, tuple(crop_size), tuple(scale_range),
-                                      flip, {"label": IGNORE})
+                                      flip, {"label": IGNORE_LABEL})
   return {"image": image, "label": maps["label"].astype(np.int32)}
 
 
@@ -70,8 +69,8 @@ def unlabeled_example(example: dict[str, Any], rng: np.random.Generator, *, crop
   image = np.asarray(example["image"])
   maps = {"valid": np.ones(image.shape[:2], np.uint8)}
   maps["label"] = (_label_map(example) if "label" in example
-                   else np.full(image.shape[:2], IGNORE, np.uint8))
-  pad_values = {"valid": 0, "label": IGNORE}
+                   else np.full(image.shape[:2], IGNORE_LABEL, np.uint8))
+  pad_values = {"valid": 0, "label": IGNORE_LABEL}
   image, maps = resize_example(image, maps, resize)
   if "soft_classes" in example:  # a later stage: the stored labels share the view's geometry
     height, width = image.shape[:2]  # stored padded to a common size: the image's part
@@ -112,7 +111,7 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
   labeled = (labeled.shuffle(seed=config.seed).repeat(None)
              .random_map(functools.partial(labeled_example, crop_size=data.crop_size,
                                            scale_range=data.scale_range, flip=data.flip,
-                                           resize=_size(data.get("resize"))),
+                                           resize=_size(data.resize)),
                          seed=config.seed)
              .batch(_per_process(config.labeled_batch_size, "labeled_batch_size"),
                     drop_remainder=True))
@@ -128,7 +127,7 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
                      unlabeled_example, crop_size=data.crop_size, scale_range=data.scale_range,
                      flip=data.flip, num_ops=strong.num_ops,
                      magnitude_range=strong.magnitude_range, ops=tuple(strong.ops),
-                     resize=_size(data.get("resize"))),
+                     resize=_size(data.resize)),
                      seed=config.seed + 1)
                  .batch(_per_process(config.unlabeled_batch_size, "unlabeled_batch_size"),
                         drop_remainder=True))
@@ -200,8 +199,13 @@ def eval_batches(config: ml_collections.ConfigDict, source, indices: np.ndarray 
       batch = {"image": np.concatenate([batch["image"], np.zeros(
                    (missing,) + batch["image"].shape[1:], batch["image"].dtype)]),
                "label": np.concatenate([batch["label"], np.full(
-                   (missing,) + batch["label"].shape[1:], IGNORE, np.int32)])}
+                   (missing,) + batch["label"].shape[1:], IGNORE_LABEL, np.int32)])}
     yield batch
+
+
+def val_batches(config: ml_collections.ConfigDict, source) -> Iterator[dict[str, np.ndarray]]:
+  """eval_batches over a val source at config.eval's resize / pad_to."""
+  return eval_batches(config, source, resize=config.eval.resize, pad_to=config.eval.pad_to)
 
 
 def _size(size) -> tuple[int, int] | None:
@@ -219,7 +223,7 @@ def _eval_example(example: dict[str, Any], resize=None, pad_to=None) -> dict[str
                       f" is {height}x{width} (h x w); expected pad_to to be at least as large")
     pad = ((0, pad_to[0] - height), (0, pad_to[1] - width))
     image = np.pad(image, pad + ((0, 0),))
-    label = np.pad(label, pad, constant_values=IGNORE)
+    label = np.pad(label, pad, constant_values=IGNORE_LABEL)
   return {"image": image, "label": label}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rml_jax.constants import IGNORE_LABEL
+
 
 def _pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """[N, H, W, K] logits, [N, H, W] int labels in [0, K) -> [N, H, W] float32 CE."""
@@ -13,7 +15,8 @@ def _pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  ignore_index: int = IGNORE_LABEL) -> jax.Array:
   """Eq. 1. logits [N, H, W, K], labels [N, H, W] int -> scalar mean CE over labeled pixels.
 
   Pixels whose label is `ignore_index` are left out of the mean (0 when none is labeled).
@@ -35,18 +38,15 @@ def pseudo_label_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) ->
   return jnp.mean(per_pixel * valid.astype(per_pixel.dtype))
 
 
-def student_mutual_loss(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Array,
-                        valid_a: jax.Array, valid_b: jax.Array) -> jax.Array:
-  """One student's share of eq. 5: taught by both mean teachers' pseudo labels.
-
-  logits [N, H, W, K]; labels_x [N, H, W] int and valid_x [N, H, W] bool from teacher x.
-  """
-  return (pseudo_label_loss(logits, labels_a, valid_a)
-          + pseudo_label_loss(logits, labels_b, valid_b))
-
-
 def mutual_loss(logits_a: jax.Array, logits_b: jax.Array, labels_a: jax.Array,
                 labels_b: jax.Array, valid_a: jax.Array, valid_b: jax.Array) -> jax.Array:
-  """Eq. 5: the four pseudo-label terms, students a and b each taught by teachers a and b."""
-  return (student_mutual_loss(logits_a, labels_a, labels_b, valid_a, valid_b)
-          + student_mutual_loss(logits_b, labels_a, labels_b, valid_a, valid_b))
+  """Eq. 5: the four pseudo-label terms, students a and b each taught by teachers a and b.
+
+  logits_x [N, H, W, K] of student x; labels_x [N, H, W] int and valid_x [N, H, W] bool from
+  teacher x. The train step sums the same pseudo_label_loss terms per student (step.MODES).
+  """
+  student_a = (pseudo_label_loss(logits_a, labels_a, valid_a)
+               + pseudo_label_loss(logits_a, labels_b, valid_b))
+  student_b = (pseudo_label_loss(logits_b, labels_a, valid_a)
+               + pseudo_label_loss(logits_b, labels_b, valid_b))
+  return student_a + student_b

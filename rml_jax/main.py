@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rml_jax import compilation_cache
-from rml_jax.errors import UserError
+from rml_jax.errors import UserError, fail, run_program
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -46,7 +45,7 @@ def main(argv):
     config = FLAGS.config
     config.keys()  # config files load lazily: touch it so a broken one is reported here
   except OSError as e:
-    _fail("--config: " + str(e).strip().splitlines()[-1].strip())
+    fail("--config: " + str(e).strip().splitlines()[-1].strip())
   import jax  # after flag parsing, so --help stays fast
 
   compilation_cache.enable(FLAGS.compilation_cache)
@@ -55,22 +54,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  from rml_jax import evaluate, train
+  from rml_jax import evaluate, predict, train  # jax-heavy: after flag parsing
 
-  try:
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-      evaluate.evaluate(config, FLAGS.workdir)
-    else:
-      evaluate.predict(config, FLAGS.workdir)
-  except UserError as e:
-    _fail(str(e))
-
-
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate,
+           "predict": predict.predict}
+  modes[FLAGS.mode](config, FLAGS.workdir)  # a UserError ends as one line (run_program)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -78,17 +66,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except UserError as e:  # raised by get_config(arg)
-    _fail(str(e))
+    fail(str(e))
   except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+    fail(str(e).splitlines()[0])
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    _fail(f"a --config.* override does not fit the config ({type(e).__name__}: {e}); "
+    fail(f"a --config.* override does not fit the config ({type(e).__name__}: {e}); "
           f"overrides given: {', '.join(overrides) or 'none'}")
 
 
 def run():
-  app.run(main, flags_parser=parse_flags)
+  run_program(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

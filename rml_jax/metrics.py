@@ -1,7 +1,9 @@
 """Segmentation metrics: confusion matrices summed over the whole eval set, mIoU computed once
-from the sum; teacher coupling (total variation); pseudo-label accuracy."""
+from the sum, and its results table; teacher coupling (total variation); pseudo-label accuracy."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax
 import jax
@@ -9,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
+from rml_jax.constants import IGNORE_LABEL
+
 
 def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
-                     ignore_index: int = 255) -> jax.Array:
+                     ignore_index: int = IGNORE_LABEL) -> jax.Array:
   """[K, K] int32 counts, rows = ground truth, cols = prediction; ignore_index pixels skipped.
 
   labels, predictions: [N, H, W] int.
@@ -63,7 +67,7 @@ def total_variation(probs_a: jax.Array, probs_b: jax.Array) -> jax.Array:
 
 
 def pseudo_label_accuracy(pseudo_labels: jax.Array, labels: jax.Array, mask: jax.Array,
-                          ignore_index: int = 255) -> tuple[jax.Array, jax.Array]:
+                          ignore_index: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
   """(correct count, counted pixels) of pseudo labels against ground truth where mask and known.
 
   All inputs [N, H, W]; returns two float32 scalars (sum them over steps before dividing).
@@ -71,3 +75,27 @@ def pseudo_label_accuracy(pseudo_labels: jax.Array, labels: jax.Array, mask: jax
   counted = mask & (labels != ignore_index)
   correct = jnp.sum((pseudo_labels == labels) & counted)
   return correct.astype(jnp.float32), jnp.sum(counted).astype(jnp.float32)
+
+
+def summarize(matrices: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, Any]:
+  """{model: {'miou': float, 'iou': {class: float or None}}} from summed confusion matrices."""
+  results = {}
+  for name, matrix in matrices.items():
+    iou = iou_from_confusion(matrix)
+    results[name] = {"miou": mean_iou(matrix),
+                     "iou": {c: (None if np.isnan(v) else float(v))
+                             for c, v in zip(class_names, iou)}}
+  return results
+
+
+def format_table(results: dict[str, Any], class_names: tuple[str, ...]) -> str:
+  """A fixed-width table: one row per class, one column per model, mIoU last (in %)."""
+  names = list(results)
+  width = max(len(c) for c in class_names + ("mIoU",))
+  lines = [" " * width + "".join(f"{n:>11}" for n in names)]
+  for c in class_names:
+    cells = [results[n]["iou"][c] for n in names]
+    lines.append(f"{c:<{width}}" + "".join(
+        f"{'-':>11}" if v is None else f"{100 * v:11.2f}" for v in cells))
+  lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * results[n]['miou']:11.2f}" for n in names))
+  return "\n".join(lines)

@@ -34,7 +34,7 @@ def class_means(features: jax.Array, labels: jax.Array, num_classes: int
 
 
 def update_prototypes(prototypes: jax.Array, features: jax.Array, labels: jax.Array,
-                      momentum: float | jax.Array) -> jax.Array:
+                      momentum: float | jax.Array, seen: jax.Array | None = None) -> jax.Array:
   """Eq. 11: eta_k <- momentum * eta_k + (1 - momentum) * eta'_k for classes present in the batch.
 
   Args:
@@ -42,36 +42,26 @@ def update_prototypes(prototypes: jax.Array, features: jax.Array, labels: jax.Ar
     features: [N, H, W, C].
     labels: [N, H, W] int32 (the teacher's argmax; values outside [0, K) ignored).
     momentum: the share of the old value (paper: 0.9999).
+    seen: optional [K] bool, which rows hold a real mean yet; a present class whose row is not
+      seen starts at its batch mean (so unset zero rows never enter the average).
   Returns:
     [K, C] float32; a class with no pixel in the batch keeps its old prototype.
   """
   means, counts = class_means(features, labels, prototypes.shape[0])
-  return _moving_average(prototypes, means, counts, momentum)
-
-
-def _moving_average(prototypes, means, counts, momentum) -> jax.Array:
-  """Eq. 11 given the batch's class means [K, C] and pixel counts [K]."""
-  moved = momentum * prototypes + (1.0 - momentum) * means
-  return jnp.where((counts > 0)[:, None], moved, prototypes).astype(jnp.float32)
-
-
-def update_prototypes_with_init(prototypes: jax.Array, initialized: jax.Array,
-                                features: jax.Array, labels: jax.Array,
-                                momentum: float | jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eq. 11 after initialisation: a class seen for the first time starts at its batch mean.
-
-  Args:
-    prototypes: [K, C] float32; initialized: [K] bool (which rows hold a real mean yet).
-    features, labels, momentum: as in `update_prototypes`.
-  Returns:
-    (prototypes [K, C] float32, initialized [K] bool).
-  """
-  means, counts = class_means(features, labels, prototypes.shape[0])
   present = counts > 0
-  updated = _moving_average(prototypes, means, counts, momentum)  # one pass over the features
-  first_seen = present & ~initialized
-  prototypes = jnp.where(first_seen[:, None], means, updated)
-  return prototypes.astype(jnp.float32), initialized | present
+  moved = momentum * prototypes + (1.0 - momentum) * means
+  updated = jnp.where(present[:, None], moved, prototypes).astype(jnp.float32)
+  if seen is None:
+    return updated
+  first_seen = present & ~seen
+  return jnp.where(first_seen[:, None], means, updated).astype(jnp.float32)
+
+
+def classes_present(labels: jax.Array, num_classes: int) -> jax.Array:
+  """[N, H, W] int labels -> [K] bool: whether class k has a pixel (values outside [0, K)
+  ignored)."""
+  onehot = jax.nn.one_hot(labels.reshape(-1), num_classes, dtype=jnp.float32)
+  return onehot.sum(axis=0) > 0
 
 
 def class_confidence(features: jax.Array, prototypes: jax.Array,

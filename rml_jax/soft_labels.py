@@ -20,13 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rml_jax.constants import TEACHERS
 from rml_jax.errors import UserError
-
-TEACHERS = ("teacher_a", "teacher_b")
-
-
-def stage_dir(workdir: str, stage: int) -> str:
-  return os.path.join(workdir, "soft_labels", f"stage_{stage}")
 
 
 def read_progress(directory: str) -> dict | None:

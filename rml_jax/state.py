@@ -13,8 +13,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from rml_jax import models, sharding
-from rml_jax.errors import UserError
+from rml_jax import models, sharding, weights
 
 PyTree = Any
 
@@ -35,6 +34,16 @@ class Learner:
   ema_batch_stats: PyTree
   prototypes: jax.Array
   prototypes_seen: jax.Array
+
+  @property
+  def student(self) -> dict[str, PyTree]:
+    """The student's variables, as model.apply takes them."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+  @property
+  def teacher(self) -> dict[str, PyTree]:
+    """The mean teacher's variables, as model.apply takes them."""
+    return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
 
 
 @struct.dataclass
@@ -68,9 +77,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if opt.name == "sgd":
     return optax.chain(optax.add_decayed_weights(opt.weight_decay),
                        optax.sgd(schedule, momentum=opt.momentum, nesterov=False))
-  if opt.name == "adamw":
-    return optax.adamw(schedule, weight_decay=opt.weight_decay)
-  raise UserError(f"config.optimizer.name: expected 'sgd' or 'adamw', got {opt.name!r}")
+  return optax.adamw(schedule, weight_decay=opt.weight_decay)  # "adamw" (schema.validate)
 
 
 def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, ...]:
@@ -146,8 +153,8 @@ def create_train_state(init_fn, rng: jax.Array, shardings) -> RMLState:
 def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """config.model.init_from for student a; student b uses it too unless model_b names another
   architecture (then config.model_b.init_from)."""
-  path_a = config.model.get("init_from", "")
-  path_b = config.model_b.get("init_from", "") if config.model_b.name else path_a
+  path_a = config.model.init_from
+  path_b = config.model_b.init_from if config.model_b.name else path_a
   return path_a, path_b
 
 
@@ -158,8 +165,6 @@ def load_pretrained(train_state: RMLState, config: ml_collections.ConfigDict,
   Leaves the file does not hold (the heads) stay as initialised; a leaf of another shape stops
   with one line naming it. A ViT position embedding is resampled to the crop's token grid.
   """
-  from rml_jax import convert  # host-side numpy work
-
   paths = pretrained_paths(config)
   if not any(paths):
     return train_state
@@ -173,8 +178,7 @@ def load_pretrained(train_state: RMLState, config: ml_collections.ConfigDict,
     learner = jax.device_get(learner)
     patch = getattr(model, "patch_size", None)
     grid = (tuple(s // patch for s in config.data.crop_size) if patch else None)
-    variables = {"params": learner.params, "batch_stats": learner.batch_stats}
-    merged, kept = convert.merge_pretrained(variables, convert.load(path), path, grid)
+    merged, kept = weights.merge_pretrained(learner.student, weights.load(path), path, grid)
     logging.info("%s: loaded %s; %d tensors stay initialised (e.g. %s)", name, path,
                  len(kept), ", ".join(kept[:3]))
     learners[name] = learner.replace(

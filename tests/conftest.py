@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 
+import jax
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from configs import digits
 
-import jax  # noqa: E402
-
-from configs import digits  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 # Runs in one test session compile the same steps: reuse compiled executables across them
 # (the environment variable carries it to the subprocesses that run rml_jax.main).
@@ -30,20 +27,6 @@ def data_dir(tmp_path_factory) -> str:
 
   datasets.get_builder(tiny_config(path).data)
   return path
-
-
-def use_smooth_activation() -> None:
-  """Swaps ReLU for GELU in every flax model of this process (the cross-device checks only).
-
-  Those checks compare runs that add the same numbers in another order. Where a pre-activation
-  lies within that rounding of zero (among the ~1e6 of a step, some do), ReLU's gradient jumps
-  from 0 to 1 and a kernel gradient moves by a percent; a smooth activation keeps the comparison
-  about the partitioning, not about which side of the kink a rounding error falls.
-  """
-  import flax.linen
-  import jax
-
-  flax.linen.relu = jax.nn.gelu
 
 
 def tiny_config(data_dir: str, arg: str = ""):

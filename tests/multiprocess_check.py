@@ -7,7 +7,7 @@ orbax checkpoint of the state and the grain iterators, restored and compared.
 
 `multi` reads its own shard of the data (as every multi-host run does); `single` builds the same
 global batches by concatenating the local batches each of the two processes would read.
-The models use GELU for ReLU here (tests/conftest.py: use_smooth_activation says why).
+The models use GELU (config.model.activation) here: tests/README.md says why.
 """
 
 import json
@@ -24,7 +24,7 @@ def _config(data_dir):
   from tests.conftest import tiny_config
 
   # The full RML step (teachers, prototypes, CutMix) on the real input pipeline.
-  config = tiny_config(data_dir, "mode=rml,optimizer.name=sgd,"
+  config = tiny_config(data_dir, "mode=rml,optimizer.name=sgd,model.activation=gelu,"
                                  "optimizer.learning_rate=0.01,optimizer.warmup_steps=0")
   config.labeled_batch_size = config.unlabeled_batch_size = 8
   return config
@@ -57,18 +57,14 @@ def main():
     port, process_id = int(sys.argv[4]), int(sys.argv[5])
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=process_id, initialization_timeout=120)
-  from rml_jax import checkpoint, sharding, state, step
-  from tests.conftest import use_smooth_activation
+  from rml_jax import checkpoint, sharding
+  from rml_jax.program import Program
 
-  use_smooth_activation()
   config = _config(data_dir)
   assert jax.device_count() == 8, jax.devices()
-  mesh = sharding.create_mesh(config.mesh)
-  init_fn = state.make_init_fn(config, 11)
-  abstract, shardings = state.abstract_train_state(init_fn, mesh)
-  cfg = step.StepConfig.from_config(config, 11)
-  train_fn, _, _ = step.jit_steps(cfg, shardings, mesh)
-  train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
+  program = Program.create(config)
+  mesh, abstract, train_fn = program.mesh, program.abstract_state, program.train_fn
+  train_state = program.fresh_state(jax.random.key(0))
   if mode == "multi":
     iterators = [_iterator(config, jax.process_index(), 2)]
   else:
@@ -87,7 +83,7 @@ def main():
     train_state, metrics = compiled(train_state, batch)
     history.append({k: float(_host_value(v)) for k, v in metrics.items()})
   workdir = os.path.join(out_dir, "work")
-  checkpointer = checkpoint.Checkpointer(workdir)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   checkpointer.save(STEPS, train_state, iterators[0], {"check": mode}, force=True)
   checkpointer.wait()
   restored = checkpointer.restore(STEPS, abstract, {"check": mode})

@@ -1,6 +1,6 @@
 """Run under 8 fake CPU devices (tests/test_sharding.py): a few train steps and an eval step on
 one device and on several meshes, printing the largest differences as JSON. The models use GELU
-for ReLU here (tests/conftest.py: use_smooth_activation says why)."""
+(config.model.activation) here: tests/README.md says why."""
 
 import json
 import sys
@@ -10,8 +10,8 @@ import numpy as np
 
 from configs import digits
 from rml_jax import metrics as metrics_lib
-from rml_jax import sharding, state, step
-from tests.conftest import use_smooth_activation
+from rml_jax import sharding
+from rml_jax.program import Program
 
 NUM_CLASSES = 11
 
@@ -30,13 +30,10 @@ def _batch(seed, config):
 def run(config, devices, fsdp: int, steps: int = 3):
   config.mesh.fsdp = fsdp
   config.mesh.data = len(devices) // fsdp
-  mesh = sharding.create_mesh(config.mesh, devices)
-  init_fn = state.make_init_fn(config, NUM_CLASSES)
-  _, shardings = state.abstract_train_state(init_fn, mesh)
-  cfg = step.StepConfig.from_config(config, NUM_CLASSES)
-  train_fn, eval_fn, _ = step.jit_steps(cfg, shardings, mesh)
-  train_state = state.create_train_state(init_fn, jax.random.key(0), shardings)
-  sharded = sum(1 for s in jax.tree.leaves(shardings) if any(s.spec))
+  program = Program.create(config, devices)
+  mesh, train_fn, eval_fn = program.mesh, program.train_fn, program.eval_fn
+  train_state = program.fresh_state(jax.random.key(0))
+  sharded = sum(1 for s in jax.tree.leaves(program.state_shardings) if any(s.spec))
   history = []
   for i in range(steps):
     train_state, metrics = train_fn(train_state, sharding.to_global(_batch(i, config), mesh))
@@ -49,11 +46,10 @@ def run(config, devices, fsdp: int, steps: int = 3):
 
 
 def main():
-  use_smooth_activation()
   # "rml" or "iml", optionally with config overrides after a colon: "rml:augment.cutmix_prob=0.0"
   mode, _, extra = sys.argv[1].partition(":")
   arg = (f"tiny,mode={mode},optimizer.name=sgd,optimizer.learning_rate=0.01,"
-         "optimizer.warmup_steps=0,rml.threshold=0.0")
+         "optimizer.warmup_steps=0,rml.threshold=0.0,model.activation=gelu")
   config = digits.get_config(f"{arg},{extra}" if extra else arg)
   config.labeled_batch_size = config.unlabeled_batch_size = 8
   devices = jax.devices()

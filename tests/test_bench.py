@@ -21,13 +21,13 @@ def test_benchmark_figures_are_consistent(data_dir, tmp_path):
   assert memory["total"] == memory["argument"] + memory["output"] + memory["temp"] - \
       memory["alias"]
   pieces = result["pieces_s"]
-  assert set(pieces) == {"teachers_forward", "student_forward", "student_forward_backward",
+  assert set(pieces) == {"pseudo_labels", "student_forward", "student_forward_backward",
                          "update"}
   # the backward pass adds at least the forward's work; every piece is a real, timed call
   assert pieces["student_forward_backward"] > pieces["student_forward"] > 0
-  assert pieces["teachers_forward"] > 0 and pieces["update"] > 0
+  assert pieces["pseudo_labels"] > 0 and pieces["update"] > 0
   report = bench.format_report(result)
-  assert "pieces, each alone: teachers_forward" in report
+  assert "pieces, each alone: pseudo_labels" in report
   assert "compiled step memory" in report
   assert "images/s" in report and "GFLOP" in report
   path = tmp_path / "bench.json"

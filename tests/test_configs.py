@@ -8,7 +8,7 @@ import os
 import pytest
 
 from configs import city, city_setr, digits, folder, voc
-from rml_jax import models, state, step
+from rml_jax import models, schema, state, step
 from rml_jax.datasets import splits
 
 CASES = ([(digits, a) for a in ("", "tiny")] + [(city, a) for a in city.SPLITS + ("full", "cpu")]
@@ -21,8 +21,9 @@ def test_config_loads_with_known_models_and_splits(module, arg):
   config = module.get_config(arg)
   assert config.model.name in models.MODELS
   assert not config.model_b.name or config.model_b.name in models.MODELS
+  schema.validate(config)
   step.StepConfig.from_config(config, num_classes=3)
-  if config.data.get("split"):
+  if config.data.split:
     folder_path = splits.split_folder(config.data, config.data.split)
     assert os.path.isfile(os.path.join(folder_path, "labeled.txt"))
 

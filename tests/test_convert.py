@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rml_jax import convert
+from rml_jax import convert, weights
 from rml_jax.errors import UserError
 from rml_jax.models.resnet import ResNet
 from rml_jax.models.vit import VisionTransformer
@@ -43,7 +43,7 @@ def test_resnet_import_matches_torch(layers, name, geometry):
       k for k in reference.state_dict() if k.endswith("num_batches_tracked")])
   model = ResNet(stage_sizes=layers, **shape)
   init = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
-  merged, kept = convert.merge_pretrained(
+  merged, kept = weights.merge_pretrained(
       {"params": {"backbone": init["params"]}, "batch_stats": {"backbone": init["batch_stats"]}},
       variables, name)
   assert kept == []  # every backbone tensor came from the checkpoint
@@ -75,7 +75,7 @@ def test_vit_import_from_timm_layout_matches_torch():
   variables, unused = convert.vit_from_timm(_state_dict(reference))
   assert sorted(unused) == ["head.bias", "head.weight"]
   init = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 3)), train=False)
-  merged, kept = convert.merge_pretrained({"params": {"encoder": init["params"]}}, variables,
+  merged, kept = weights.merge_pretrained({"params": {"encoder": init["params"]}}, variables,
                                           "vit")
   assert kept == []
   got = np.asarray(model.apply({"params": merged["params"]["encoder"]}, images, train=False))
@@ -119,8 +119,8 @@ def test_original_vit_npz_layout_converts_like_timm(tmp_path):
   np.savez(path, **_to_original_layout(state, heads=4))
   unused = convert.convert("vit", path, str(tmp_path / "converted.npz"))
   assert unused == []
-  from_original = convert.flatten(convert.load(str(tmp_path / "converted.npz")))
-  from_timm = convert.flatten(convert.vit_from_timm(state)[0])
+  from_original = weights.flatten(weights.load(str(tmp_path / "converted.npz")))
+  from_timm = weights.flatten(convert.vit_from_timm(state)[0])
   assert sorted(from_original) == sorted(from_timm)
   for key in from_timm:
     np.testing.assert_allclose(from_original[key], from_timm[key], rtol=1e-6, atol=1e-7)
@@ -134,7 +134,7 @@ def test_position_embedding_is_resampled_to_the_crop_grid():
   state["pos_embed"] = square.astype(np.float32)  # a 4 x 4 pretraining grid
   model = VisionTransformer(patch_size=8, hidden_size=48, depth=2, num_heads=4)
   init = model.init(jax.random.key(0), jnp.zeros((1, 32, 64, 3)), train=False)  # 4 x 8 grid
-  merged, _ = convert.merge_pretrained({"params": {"encoder": init["params"]}},
+  merged, _ = weights.merge_pretrained({"params": {"encoder": init["params"]}},
                                        convert.vit_from_timm(state)[0], "vit", (4, 8))
   pos = merged["params"]["encoder"]["pos_embed"]
   assert pos.shape == (1, 33, 48)
@@ -155,12 +155,12 @@ def test_a_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
             "batch_stats": {"backbone": init["batch_stats"]}}
   with pytest.raises(UserError, match=r"r50.npz: parameter .* has shape \(.*\) but the model "
                                       r"expects \(.*\)"):
-    convert.merge_pretrained(target, variables, "r50.npz")
+    weights.merge_pretrained(target, variables, "r50.npz")
   deeper, _ = convert.resnet_from_torch(_state_dict(torch_reference.ResNet((3, 4, 23, 3))))
   shallow = ResNet(stage_sizes=(3, 4, 6, 3))
   init = shallow.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   with pytest.raises(UserError, match="layer3_6.* does not exist in this model"):
-    convert.merge_pretrained({"params": {"backbone": init["params"]},
+    weights.merge_pretrained({"params": {"backbone": init["params"]},
                               "batch_stats": {"backbone": init["batch_stats"]}}, deeper, "r101")
 
 
@@ -180,7 +180,7 @@ def test_convert_cli_writes_a_file_and_reports_unused_keys(tmp_path, capsys):
 
 
 def test_init_from_loads_both_students_and_teachers(data_dir, tmp_path):
-  from rml_jax import train
+  from rml_jax.program import Program
   from tests.conftest import tiny_config
 
   torch.manual_seed(3)
@@ -188,19 +188,19 @@ def test_init_from_loads_both_students_and_teachers(data_dir, tmp_path):
                                      width=8)  # deeplabv2_tiny's trunk
   torch_reference.randomize_batch_norm(reference)
   path = str(tmp_path / "tiny.npz")
-  convert.save(path, convert.resnet_from_torch(_state_dict(reference))[0])
-  run = train.Run.create(tiny_config(data_dir, f"model.init_from={path}"), str(tmp_path / "run"))
-  loaded = jax.device_get(run.initial_state())
-  scratch = train.Run.create(tiny_config(data_dir), str(tmp_path / "scratch"))
+  weights.save(path, convert.resnet_from_torch(_state_dict(reference))[0])
+  program = Program.create(tiny_config(data_dir, f"model.init_from={path}"))
+  loaded = jax.device_get(program.initial_state())
+  scratch = Program.create(tiny_config(data_dir))
   fresh = jax.device_get(scratch.initial_state())
-  want = convert.flatten(convert.load(path))
+  want = weights.flatten(weights.load(path))
   for learner, fresh_learner in ((loaded.learner_a, fresh.learner_a),
                                  (loaded.learner_b, fresh.learner_b)):
     for collection, student, teacher in (("params", learner.params, learner.ema_params),
                                          ("batch_stats", learner.batch_stats,
                                           learner.ema_batch_stats)):
-      got_student = convert.flatten({collection: student})
-      got_teacher = convert.flatten({collection: teacher})
+      got_student = weights.flatten({collection: student})
+      got_teacher = weights.flatten({collection: teacher})
       for key, value in want.items():
         if key.startswith(collection):
           np.testing.assert_array_equal(got_student[key], value)

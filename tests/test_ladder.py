@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rml_jax import sharding, state, step, train
+from rml_jax import inference, sharding, train
 from rml_jax.errors import UserError
+from rml_jax.program import Program
 from tests.conftest import tiny_config
 
 
@@ -21,26 +22,27 @@ def _batch(seed: int = 0, size: int = 64) -> dict:
                         "label": rng.integers(0, 11, (2, size, size)).astype(np.int32)}}
 
 
-def _run(data_dir, tmp_path, mode: str, extra: str = ""):
+def _program(data_dir, mode: str, extra: str = ""):
   # threshold 0: every pseudo label counts, so any change of a teacher changes the loss.
   config = tiny_config(data_dir, f"mode={mode},rml.threshold=0.0,optimizer.warmup_steps=0"
                        + extra)
-  return train.Run.create(config, str(tmp_path / mode))
+  return Program.create(config)
 
 
-def _state_with(run, swap: str | None):
+def _state_with(program, swap: str | None):
   """A fresh state from key 0; `swap` names a part of learner b taken from a key-1 state."""
-  base = state.create_train_state(run.init_fn, jax.random.key(0), run.state_shardings)
+  base = program.fresh_state(jax.random.key(0))
   if swap is None:
     return base
-  other = state.create_train_state(run.init_fn, jax.random.key(1), run.state_shardings)
+  other = program.fresh_state(jax.random.key(1))
   if swap == "all":
     return base.replace(learner_b=other.learner_b)
   return base.replace(learner_b=base.learner_b.replace(**{swap: getattr(other.learner_b, swap)}))
 
 
-def _student_a_after_step(run, swap):
-  new_state, _ = run.train_fn(_state_with(run, swap), sharding.to_global(_batch(), run.mesh))
+def _student_a_after_step(program, swap):
+  new_state, _ = program.train_fn(_state_with(program, swap),
+                                  sharding.to_global(_batch(), program.mesh))
   return jax.device_get(new_state.learner_a.params)
 
 
@@ -54,24 +56,25 @@ def _same(x, y) -> bool:
     ("iml", ["ema_params"], ["params"]),  # eqs. 4-5: the other *mean teacher* teaches
 ])
 def test_who_teaches_student_a(data_dir, tmp_path, mode, depends_on, ignores):
-  run = _run(data_dir, tmp_path, mode)
-  reference = _student_a_after_step(run, None)
+  program = _program(data_dir, mode)
+  reference = _student_a_after_step(program, None)
   for part in depends_on:
-    assert not _same(reference, _student_a_after_step(run, part)), f"{mode}: {part} ignored"
+    assert not _same(reference, _student_a_after_step(program, part)), f"{mode}: {part} ignored"
   for part in ignores:
-    assert _same(reference, _student_a_after_step(run, part)), f"{mode}: {part} used"
+    assert _same(reference, _student_a_after_step(program, part)), f"{mode}: {part} used"
 
 
 def test_rml_step_initialises_prototypes_from_teacher_class_means(data_dir, tmp_path):
-  run = _run(data_dir, tmp_path, "rml")
-  initial = jax.device_get(_state_with(run, None))
-  new_state, metrics = run.train_fn(_state_with(run, None),
-                                    sharding.to_global(_batch(), run.mesh))
+  program = _program(data_dir, "rml")
+  initial = jax.device_get(_state_with(program, None))
+  new_state, metrics = program.train_fn(_state_with(program, None),
+                                        sharding.to_global(_batch(), program.mesh))
   new_state = jax.device_get(new_state)
-  weak = step.normalize(jnp.asarray(_batch()["unlabeled"]["weak"]), run.step_config)
-  for name, model in (("learner_a", run.abstract_state.model_a),
-                      ("learner_b", run.abstract_state.model_b)):
-    out = jax.device_get(step.teacher_outputs(model, getattr(initial, name), weak))
+  cfg = program.step_config
+  weak = inference.normalize(jnp.asarray(_batch()["unlabeled"]["weak"]), cfg.mean, cfg.std)
+  for name, model in (("learner_a", program.abstract_state.model_a),
+                      ("learner_b", program.abstract_state.model_b)):
+    out = jax.device_get(inference.apply_eval(model, getattr(initial, name).teacher, weak))
     features = np.asarray(out["features"], np.float64)  # [N, h, w, C]
     n, h, w, c = features.shape
     probs = np.asarray(jax.nn.softmax(out["logits"], -1), np.float64)  # [N, H, W, K]
@@ -84,7 +87,7 @@ def test_rml_step_initialises_prototypes_from_teacher_class_means(data_dir, tmp_
     for k in present:
       np.testing.assert_allclose(learner.prototypes[k], features[small == k].mean(0),
                                  rtol=1e-4, atol=1e-5)
-    absent = np.setdiff1d(np.arange(run.num_classes), present)
+    absent = np.setdiff1d(np.arange(program.num_classes), present)
     np.testing.assert_array_equal(learner.prototypes[absent], 0.0)
   # Rectification waits until every class has a prototype; raw and final accuracy both logged.
   assert float(metrics["rectified"]) == float(np.all(new_state.learner_a.prototypes_seen))
@@ -93,14 +96,14 @@ def test_rml_step_initialises_prototypes_from_teacher_class_means(data_dir, tmp_
 
 
 def test_non_finite_update_is_skipped_and_counted(data_dir, tmp_path):
-  run = _run(data_dir, tmp_path, "iml")
-  poisoned = _state_with(run, None)
+  program = _program(data_dir, "iml")
+  poisoned = _state_with(program, None)
   leaves, treedef = jax.tree.flatten(poisoned.learner_a.params)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
   poisoned = poisoned.replace(learner_a=poisoned.learner_a.replace(
       params=jax.tree.unflatten(treedef, leaves)))
   before = jax.device_get(poisoned.learner_a)
-  new_state, metrics = run.train_fn(poisoned, sharding.to_global(_batch(), run.mesh))
+  new_state, metrics = program.train_fn(poisoned, sharding.to_global(_batch(), program.mesh))
   assert float(metrics["skipped_a"]) == 1.0
   after = jax.device_get(new_state.learner_a)
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -120,24 +123,25 @@ def test_training_that_keeps_diverging_stops_with_one_clear_error(data_dir, tmp_
 def test_heterogeneous_pair_deeplab_and_setr_trains(data_dir, tmp_path):
   config = tiny_config(data_dir, "mode=iml,model_b.name=setr_naive_tiny,"
                        "optimizer.warmup_steps=0")
-  run = train.Run.create(config, str(tmp_path / "pair"))
-  assert type(run.abstract_state.model_b).__name__ == "SETR"
-  assert "encoder" in run.abstract_state.learner_b.params  # a ViT, not a ResNet
-  initial = jax.device_get(run.initial_state())
-  new_state, metrics = run.train_fn(run.initial_state(), sharding.to_global(_batch(), run.mesh))
+  program = Program.create(config)
+  assert type(program.abstract_state.model_b).__name__ == "SETR"
+  assert "encoder" in program.abstract_state.learner_b.params  # a ViT, not a ResNet
+  initial = jax.device_get(program.initial_state())
+  new_state, metrics = program.train_fn(program.initial_state(),
+                                        sharding.to_global(_batch(), program.mesh))
   assert np.isfinite(float(metrics["loss_b"])) and float(metrics["skipped_b"]) == 0.0
   after = jax.device_get(new_state.learner_b.params)
   assert not _same(after["encoder"], initial.learner_b.params["encoder"])
   # SETR's features are the decoder's input of its classifier: prototypes have that width.
-  assert new_state.learner_b.prototypes.shape == (run.num_classes, 64)
+  assert new_state.learner_b.prototypes.shape == (program.num_classes, 64)
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32(data_dir, tmp_path):
   results = {}
   for dtype in ("float32", "bfloat16"):
-    run = _run(data_dir, tmp_path / dtype, "iml", f",dtype={dtype}")
-    new_state, metrics = run.train_fn(_state_with(run, None),
-                                      sharding.to_global(_batch(), run.mesh))
+    program = _program(data_dir, "iml", f",dtype={dtype}")
+    new_state, metrics = program.train_fn(_state_with(program, None),
+                                          sharding.to_global(_batch(), program.mesh))
     leaves = jax.tree.leaves(jax.device_get(new_state.learner_a.params))
     assert all(leaf.dtype == np.float32 for leaf in leaves)  # float32 params and updates
     results[dtype] = float(metrics["sup_loss_a"])

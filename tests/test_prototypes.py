@@ -61,7 +61,8 @@ def test_first_sighting_initialises_from_the_batch_mean():
   protos[1] = 5.0
   features = rng.normal(size=(1, 3, 3, c)).astype(np.float32)
   labels = np.array([[[0, 0, 1], [1, 1, 255], [0, 1, 0]]], np.int32)
-  got, got_seen = prototypes.update_prototypes_with_init(protos, seen, features, labels, 0.99)
+  got = prototypes.update_prototypes(protos, features, labels, 0.99, seen=seen)
+  got_seen = seen | np.asarray(prototypes.classes_present(labels, k))
   flat_f, flat_l = features.reshape(-1, c), labels.reshape(-1)
   np.testing.assert_allclose(got[0], flat_f[flat_l == 0].mean(0), rtol=1e-5)  # no momentum
   np.testing.assert_allclose(got[1], 0.99 * 5.0 + 0.01 * flat_f[flat_l == 1].mean(0), rtol=1e-5)

@@ -1,11 +1,15 @@
 """Stage-wise training: compact stored soft labels, resumable labelling, and a two-stage run that
 pauses at the stage boundary and resumes to the same final state."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
-from rml_jax import checkpoint, soft_labels, state, train
+from rml_jax import soft_labels, train
+from rml_jax.program import Program
+from rml_jax.workdir import Workdir
 from tests.conftest import tiny_config
 
 
@@ -79,7 +83,7 @@ def test_two_stage_run_paused_at_the_boundary_resumes_bitwise(data_dir, tmp_path
   arg = "mode=rml,rml.stages=2,rml.threshold=0.0,eval_every=100,log_every=4,checkpoint_every=4"
   whole = str(tmp_path / "whole")
   results = train.train_and_evaluate(tiny_config(data_dir, arg), whole)
-  assert soft_labels.is_complete(soft_labels.stage_dir(whole, 1))
+  assert soft_labels.is_complete(os.path.join(whole, "soft_labels", "stage_1"))
   assert set(results) == {"teacher_a", "teacher_b", "student_a", "student_b"}
 
   paused = str(tmp_path / "paused")
@@ -88,18 +92,16 @@ def test_two_stage_run_paused_at_the_boundary_resumes_bitwise(data_dir, tmp_path
   train.train_and_evaluate(tiny_config(data_dir, arg), paused)
 
   config = tiny_config(data_dir, arg)
-  run = train.Run.create(config, whole, read_only=True)
-  abstract = run.abstract_state
+  program = Program.create(config)
   final = {}
   for name, workdir in (("whole", whole), ("paused", paused)):
-    ckpt = checkpoint.Checkpointer(workdir, keep=2, read_only=True)
+    ckpt = Workdir(workdir, config.keep_checkpoints, read_only=True).checkpointer
     assert ckpt.latest_step() == 8
-    restored = ckpt.restore(8, abstract, run.meta, None)
+    restored = ckpt.restore(8, program.abstract_state, program.meta, None)
     final[name] = jax.device_get(restored.replace(rng=jax.random.key_data(restored.rng)))
   for x, y in zip(jax.tree.leaves(final["whole"]), jax.tree.leaves(final["paused"])):
     np.testing.assert_array_equal(x, y)
   # The students restarted from the initial weights at step 4, so they differ from stage 1's.
-  initial = jax.device_get(state.create_train_state(run.init_fn, jax.random.key(config.seed),
-                                                    run.state_shardings))
+  initial = jax.device_get(program.fresh_state(jax.random.key(config.seed)))
   assert not np.array_equal(jax.tree.leaves(final["whole"].learner_a.params)[0],
                             jax.tree.leaves(initial.learner_a.params)[0])

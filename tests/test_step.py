@@ -5,17 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rml_jax import sharding, state, step, train
+from rml_jax import inference, sharding, state, step
+from rml_jax.program import Program
 from tests.conftest import tiny_config
 
 
 def test_pseudo_labels_threshold_the_teacher_confidence():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 5)) * 3, jnp.float32)
-  probs, labels, valid = step.pseudo_labels(logits, 0.8)
+  probs, pseudo = step.pseudo_labels(logits, 0.8)
   expected_probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   np.testing.assert_allclose(probs, expected_probs, rtol=1e-5)
-  np.testing.assert_array_equal(labels, expected_probs.argmax(-1))
-  np.testing.assert_array_equal(valid, expected_probs.max(-1) >= 0.8)
+  np.testing.assert_array_equal(pseudo.labels, expected_probs.argmax(-1))
+  np.testing.assert_array_equal(pseudo.valid, expected_probs.max(-1) >= 0.8)
 
 
 def test_unsup_weight_ramp_and_ema_decay_warmup():
@@ -32,11 +33,11 @@ def test_unsup_weight_ramp_and_ema_decay_warmup():
 @pytest.mark.parametrize("bn_stats", ["joint", "labeled"])
 def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path, bn_stats):
   config = tiny_config(data_dir, f"rml.bn_stats={bn_stats},optimizer.warmup_steps=0")
-  run = train.Run.create(config, str(tmp_path))
+  program = Program.create(config)
   # Two identical initial states: one is donated to the step, the other kept as the reference
   # (on CPU a donated buffer may be shared with host views of it).
-  initial = state.create_train_state(run.init_fn, jax.random.key(0), run.state_shardings)
-  placed = state.create_train_state(run.init_fn, jax.random.key(0), run.state_shardings)
+  initial = program.fresh_state(jax.random.key(0))
+  placed = program.fresh_state(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"labeled": {"image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
                        "label": rng.integers(0, 11, (2, 64, 64)).astype(np.int32)},
@@ -44,7 +45,7 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
                          "strong": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
                          "valid": np.ones((2, 64, 64), bool),
                          "label": np.full((2, 64, 64), 255, np.int32)}}
-  updated, metrics = run.train_fn(placed, sharding.to_global(batch, run.mesh))
+  updated, metrics = program.train_fn(placed, sharding.to_global(batch, program.mesh))
   updated = jax.device_get(updated)
   assert int(updated.step) == 1
   decay = min(config.rml.ema_decay, 1 / 10)  # warm-up value at step 0
@@ -60,9 +61,10 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
   # Running BN statistics: with bn_stats='labeled' they are exactly those of a train-mode pass
   # over the labeled images alone; with 'joint' the strong views change them.
   before = jax.device_get(initial.learner_a)
-  _, labeled_only = run.abstract_state.model_a.apply(
+  _, labeled_only = program.abstract_state.model_a.apply(
       {"params": before.params, "batch_stats": before.batch_stats},
-      step.normalize(jnp.asarray(batch["labeled"]["image"]), run.step_config), train=True,
+      inference.normalize(jnp.asarray(batch["labeled"]["image"]), program.step_config.mean,
+                          program.step_config.std), train=True,
       mutable=["batch_stats"])
   same = all(np.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(
       jax.tree.leaves(labeled_only["batch_stats"]), jax.tree.leaves(updated.learner_a.batch_stats)))

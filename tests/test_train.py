@@ -10,8 +10,21 @@ import jax
 import numpy as np
 import pytest
 
-from rml_jax import checkpoint, datasets, evaluate, input_pipeline, sharding, state, step, train
+from rml_jax import (
+  checkpoint,
+  datasets,
+  evaluate,
+  input_pipeline,
+  predict,
+  sharding,
+  step,
+  train,
+  visualize,
+)
+from rml_jax.constants import MODEL_NAMES
 from rml_jax.errors import UserError
+from rml_jax.program import Program
+from rml_jax.workdir import Workdir
 from tests.conftest import tiny_config
 
 
@@ -31,9 +44,9 @@ def _is_key(x) -> bool:
 
 
 def _restore_final(config, workdir):
-  run = train.Run.create(config, workdir, read_only=True)
-  ckpt = run.checkpointer
-  return ckpt.restore(ckpt.latest_step(), run.abstract_state, run.meta)
+  program = Program.create(config)
+  ckpt = Workdir(workdir, config.keep_checkpoints, read_only=True).checkpointer
+  return ckpt.restore(ckpt.latest_step(), program.abstract_state, program.meta)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +60,7 @@ def trained(data_dir, tmp_path_factory):
 
 def test_end_to_end_run_writes_checkpoints_logs_and_results(trained):
   config, workdir, results = trained
-  assert set(results) == set(step.MODEL_NAMES)
+  assert set(results) == set(MODEL_NAMES)
   for r in results.values():
     assert 0.0 <= r["miou"] <= 1.0 and len(r["iou"]) == 11
   saved = json.load(open(os.path.join(workdir, "eval", "step_4.json")))
@@ -73,15 +86,16 @@ def test_interrupted_run_resumes_to_the_same_state(trained, data_dir, tmp_path):
   paused = tiny_config(data_dir, "max_steps_per_run=3")
   resumed_dir = str(tmp_path / "resumed")
   train.train_and_evaluate(paused, resumed_dir)  # stops after step 3 with a checkpoint
-  assert checkpoint.Checkpointer(resumed_dir).latest_step() == 3
+  assert checkpoint.Checkpointer(os.path.join(resumed_dir, "checkpoints")).latest_step() == 3
   train.train_and_evaluate(paused, resumed_dir)  # resumes at 3 and finishes step 4
   assert _leaves_equal(_restore_final(config, resumed_dir), reference)
 
 
 def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
   config = tiny_config(data_dir)
-  run = train.Run.create(config, str(tmp_path))
-  original = state.create_train_state(run.init_fn, jax.random.key(3), run.state_shardings)
+  program = Program.create(config)
+  run = Workdir(str(tmp_path), config.keep_checkpoints)
+  original = program.fresh_state(jax.random.key(3))
   batch = {"labeled": {"image": np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3),
                                                                   dtype=np.uint8),
                        "label": np.zeros((2, 64, 64), np.int32)},
@@ -89,18 +103,19 @@ def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
                          "strong": np.zeros((2, 64, 64, 3), np.uint8),
                          "valid": np.ones((2, 64, 64), bool),
                          "label": np.full((2, 64, 64), 255, np.int32)}}
-  original, _ = run.train_fn(original, sharding.to_global(batch, run.mesh))
+  original, _ = program.train_fn(original, sharding.to_global(batch, program.mesh))
   expected = jax.device_get(original)
-  labeled, unlabeled = datasets.labeled_indices(len(run.sources.train), 1 / 16, 0)
-  iterator = input_pipeline.train_iterator(config, run.sources.train, labeled, unlabeled, True)
+  sources = datasets.data_sources(config.data)
+  labeled, unlabeled = datasets.labeled_indices(len(sources.train), 1 / 16, 0)
+  iterator = input_pipeline.train_iterator(config, sources.train, labeled, unlabeled, True)
   next(iterator)
-  run.checkpointer.save(1, original, iterator, run.meta)
+  run.checkpointer.save(1, original, iterator, program.meta)
   run.checkpointer.wait()
-  restored = run.checkpointer.restore(1, run.abstract_state, run.meta)
+  restored = run.checkpointer.restore(1, program.abstract_state, program.meta)
   assert _leaves_equal(jax.device_get(restored), expected)
-  assert restored.model_a is run.abstract_state.model_a
+  assert restored.model_a is program.abstract_state.model_a
   assert restored.learner_a.params["head"]["branch0"]["kernel"].sharding == \
-      run.state_shardings.learner_a.params["head"]["branch0"]["kernel"]
+      program.state_shardings.learner_a.params["head"]["branch0"]["kernel"]
 
 
 @pytest.mark.parametrize("override,key", [("model.name='deeplabv2_resnet50'", "model_a"),
@@ -140,11 +155,11 @@ def test_predict_mode_writes_label_mask_and_overlay_pngs(trained, tmp_path):
   for stem, image in images.items():
     Image.fromarray(image).save(inputs / f"{stem}.png")
   config.predict.update(dict(input=str(inputs), output=str(tmp_path / "out"), model="teacher_b"))
-  written = evaluate.predict(config, workdir)
+  written = predict.predict(config, workdir)
   assert sorted(written) == ["square", "wide"]
   final = _restore_final(config, workdir)
   cfg = step.StepConfig.from_config(config, 11)
-  colours = evaluate.palette(11)
+  colours = visualize.palette(11)
   for stem, image in images.items():
     labels = np.asarray(Image.open(tmp_path / "out" / f"{stem}_labels.png"))
     expected = np.asarray(step.predict_step(final, image[None], cfg=cfg)["teacher_b"][0]).argmax(-1)
@@ -152,10 +167,10 @@ def test_predict_mode_writes_label_mask_and_overlay_pngs(trained, tmp_path):
     mask = np.asarray(Image.open(tmp_path / "out" / f"{stem}_mask.png"))
     np.testing.assert_array_equal(mask, colours[labels])
     blended = np.asarray(Image.open(tmp_path / "out" / f"{stem}_overlay.png"))
-    np.testing.assert_array_equal(blended, evaluate.overlay(image, mask, 0.5))
+    np.testing.assert_array_equal(blended, visualize.overlay(image, mask, 0.5))
   # An unreadable image stops before anything is written.
   (inputs / "broken.png").write_bytes(b"\x89PNG broken")
   config.predict.output = str(tmp_path / "out2")
   with pytest.raises(UserError, match=r"broken\.png: unreadable image"):
-    evaluate.predict(config, workdir)
+    predict.predict(config, workdir)
   assert not os.path.exists(tmp_path / "out2")

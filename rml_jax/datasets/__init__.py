@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rml_jax import storage
 from rml_jax.datasets import cityscapes, digit_scenes, image_folder, splits, voc_aug
 from rml_jax.errors import UserError
 
@@ -73,18 +74,6 @@ def _data_dir(data_config: ml_collections.ConfigDict) -> str:
   return os.path.expanduser(data_config.data_dir or tfds.core.constants.DATA_DIR)
 
 
-def _check_writable(data_dir: str) -> None:
-  try:
-    os.makedirs(data_dir, exist_ok=True)
-    probe = os.path.join(data_dir, ".rml_jax_write_probe")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"config.data.data_dir: cannot write the dataset to {data_dir} "
-                    f"({e.strerror}); expected a writable directory") from None
-
-
 def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for config.data; prepares it when config.data.prepare is set."""
   spec = _spec(data_config)
@@ -98,15 +87,15 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
                     "config.data.prepare=True to generate it")
   download_config = None
   if spec.manual:
-    manual_dir = os.path.abspath(os.path.expanduser(data_config.get("manual_dir", "") or ""))
+    manual_dir = os.path.abspath(os.path.expanduser(data_config.manual_dir))
     if spec.check_manual is not None:
-      spec.check_manual(data_config.get("manual_dir", ""))
-    elif not data_config.get("manual_dir") or not os.path.isdir(manual_dir):
-      shown = manual_dir if data_config.get("manual_dir") else "(empty)"
+      spec.check_manual(data_config.manual_dir)
+    elif not data_config.manual_dir or not os.path.isdir(manual_dir):
+      shown = manual_dir if data_config.manual_dir else "(empty)"
       raise UserError(f"config.data.manual_dir: {shown} is not a directory; expected the "
                       f"downloaded {data_config.name} files")
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  _check_writable(data_dir)
+  storage.ensure_writable_dir(data_dir, "config.data.data_dir", "the prepared dataset")
   builder.download_and_prepare(download_config=download_config)
   return builder
 
@@ -209,7 +198,7 @@ def data_sources(data_config: ml_collections.ConfigDict) -> Sources:
   builder = get_builder(data_config)
   _require_split(builder, data_config.train_split, "train_split")
   labeled = _split_source(builder, data_config.train_split, spec)
-  holdout = int(data_config.get("val_holdout", 0) or 0)
+  holdout = data_config.val_holdout
   keep = np.arange(len(labeled))
   if holdout > 0:
     if holdout >= len(labeled):
@@ -259,7 +248,7 @@ def split(data_config: ml_collections.ConfigDict, sources: Sources,
   and everything else in train is unlabeled. cache_dir keeps the train image ids read for a split
   file (reading them touches every record once).
   """
-  name = data_config.get("split", "")
+  name = data_config.split
   if not name:
     labeled, rest = labeled_indices(sources.num_labeled, data_config.labeled_fraction,
                                     data_config.split_seed)

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import UserError
 
 TFDS_NAME = "cityscapes/semantic_segmentation"
@@ -25,7 +26,7 @@ LABEL_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
 
 
 def _lookup_table() -> np.ndarray:
-  table = np.full(256, 255, np.uint8)
+  table = np.full(256, IGNORE_LABEL, np.uint8)
   for label_id, train_id in LABEL_ID_TO_TRAIN_ID.items():
     table[label_id] = train_id
   return table

@@ -13,9 +13,9 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import UserError
 
-IGNORE = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -52,14 +52,14 @@ def read_label_values(path: str) -> np.ndarray:
 
 def map_label_values(values: np.ndarray, path: str, num_classes: int,
                      value_map: dict[int, int] | None = None,
-                     ignore_value: int | None = IGNORE) -> np.ndarray:
+                     ignore_value: int | None = IGNORE_LABEL) -> np.ndarray:
   """Raw label values [H, W] -> class ids [H, W] uint8 (255 = ignore).
 
   value_map: raw value -> class id (None: raw values are the class ids). ignore_value: the raw
   value meaning "no label" (None: there is none). Any other value stops with the file named.
   """
   values = np.asarray(values)
-  out = np.full(values.shape, IGNORE, np.uint8)
+  out = np.full(values.shape, IGNORE_LABEL, np.uint8)
   known = np.zeros(values.shape, bool)
   if value_map is None:
     value_map = {v: v for v in range(num_classes)}

@@ -27,13 +27,14 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rml_jax.constants import IGNORE_LABEL
 from rml_jax.datasets import files
 from rml_jax.errors import UserError
 
 
 def value_map_from_config(data_config: ml_collections.ConfigDict) -> dict[int, int] | None:
   """config.data.label_map ((raw, class), ...) -> {raw: class}; empty -> None (raw = class)."""
-  pairs = tuple(data_config.get("label_map", ()) or ())
+  pairs = tuple(data_config.label_map)
   value_map = {}
   for pair in pairs:
     if len(pair) != 2:
@@ -144,5 +145,5 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
                                        cfg.num_classes, cfg.value_map, cfg.ignore_value)
         files.check_same_size(image, label, image_path, label_path)
       else:
-        label = np.full(image.shape[:2], files.IGNORE, np.uint8)
+        label = np.full(image.shape[:2], IGNORE_LABEL, np.uint8)
       yield stem, {"image_id": stem, "image": image, "label": label[..., None]}

@@ -54,7 +54,7 @@ def write_ids(path: str, ids: list[str]) -> None:
 
 def split_folder(data_config: ml_collections.ConfigDict, name: str) -> str:
   """The folder of split `name`: config.data.split_dir/<name>, or data/splits/<dataset>/<name>."""
-  base = data_config.get("split_dir", "") or os.path.join(REPO_SPLITS, data_config.name)
+  base = data_config.split_dir or os.path.join(REPO_SPLITS, data_config.name)
   folder = os.path.join(os.path.expanduser(base), name)
   if not os.path.isfile(os.path.join(folder, "labeled.txt")):
     available = sorted(d for d in os.listdir(base)
@@ -69,9 +69,8 @@ def cached_ids(cache_dir: str | None, data_config: ml_collections.ConfigDict,
                read: Callable[[], list[str]]) -> list[str]:
   """The train image ids, kept in cache_dir/train_image_ids.txt after the first read."""
   path = os.path.join(cache_dir, "train_image_ids.txt") if cache_dir else None
-  holdout = data_config.get("val_holdout", 0)
-  key = (f"# {data_config.name} {data_config.train_split} holdout={holdout} "
-         f"data_dir={data_config.get('data_dir', '')} root={data_config.get('root', '')}")
+  key = (f"# {data_config.name} {data_config.train_split} holdout={data_config.val_holdout} "
+         f"data_dir={data_config.data_dir} root={data_config.root}")
   if path and os.path.isfile(path):
     with open(path) as f:
       lines = f.read().splitlines()

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from rml_jax import compilation_cache
 from rml_jax.config_args import apply_overrides
+from rml_jax.constants import MODEL_NAMES
 from rml_jax.errors import UserError, run_program
 
 FULL_NOISE = "model.dropout_rate=0.5,model.survival_prob=0.8"  # the paper's model noise
@@ -39,7 +40,6 @@ RUNGS = {
     "rml": ("RML", f"mode=rml,{FULL_NOISE}"),
     "rml_two_stages": ("RML, two stages", f"mode=rml,{FULL_NOISE},rml.stages=2"),
 }
-MODELS = ("teacher_a", "teacher_b", "student_a", "student_b")
 
 FLAGS = flags.FLAGS
 
@@ -151,9 +151,9 @@ def main(argv):
           print("Stopped; rerun the same command to continue.", flush=True)
           return
       rows.append({"rung": rung, "seed": seed,
-                   **{m: 100 * results[m]["miou"] for m in MODELS}})
+                   **{m: 100 * results[m]["miou"] for m in MODEL_NAMES}})
   with open(os.path.join(FLAGS.out, "ablation.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["rung", "seed", *MODELS])
+    writer = csv.DictWriter(f, fieldnames=["rung", "seed", *MODEL_NAMES])
     writer.writeheader()
     writer.writerows(rows)
   table = summarize(rows)

@@ -26,6 +26,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from rml_jax.step import ema_decay_at, ema_update
+
 VARIANTS = ("direct", "indirect", "indirect_noise")
 
 FLAGS = flags.FLAGS
@@ -103,7 +105,7 @@ def train_step(learners, step, x_l, y_l, x_u, rng, *, variant, tx, threshold, un
   source_a, source_b = (params_a, params_b) if variant == "direct" else (ema_a, ema_b)
   peer_probs = [jax.nn.softmax(mlp(p, x_u)) for p in (source_b, source_a)]  # b teaches a
   new = []
-  decay = jnp.minimum(ema_decay, (step + 1.0) / (step + 10.0))
+  decay = ema_decay_at(jnp.asarray(step), ema_decay)
   for i, ((params, opt_state, ema), probs) in enumerate(zip(learners, peer_probs)):
     key = jax.random.fold_in(rng, i)
     noisy = x_u + input_noise * jax.random.normal(jax.random.fold_in(key, 7), x_u.shape)
@@ -117,7 +119,7 @@ def train_step(learners, step, x_l, y_l, x_u, rng, *, variant, tx, threshold, un
     grads = jax.grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    ema = jax.tree.map(lambda t, s: decay * t + (1 - decay) * s, ema, params)
+    ema = ema_update(ema, params, decay)
     new.append((params, opt_state, ema))
   return tuple(new)
 

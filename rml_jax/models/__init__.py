@@ -11,9 +11,10 @@ import ml_collections
 
 from rml_jax.errors import UserError
 from rml_jax.models.deeplabv2 import DeepLabV2
+from rml_jax.models.resnet import ACTIVATIONS as ACTIVATIONS  # config.model.activation
 from rml_jax.models.setr import SETR
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype
 
 # Each entry: architecture hyperparameters; config.model fields (noise, dtype, ...) are added.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -36,7 +37,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                          depth=4, num_heads=4, decoder_width=64),
 }
 
-_MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn", "remat")
+_MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn", "remat", "activation")
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
@@ -48,10 +49,8 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
   """
   if model_config.name not in MODELS:
     raise UserError(f"config.model.name: unknown model {model_config.name!r}; "
-                      f"expected one of {sorted(MODELS)}")
-  if dtype not in _DTYPES:
-    raise UserError(f"config.dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+                    f"expected one of {sorted(MODELS)}")
   kwargs = {k: model_config[k] for k in _MODEL_FIELDS if k in model_config}
   if image_size and "image_size" in MODELS[model_config.name].func.__dataclass_fields__:
     kwargs["image_size"] = tuple(image_size)
-  return MODELS[model_config.name](num_classes=num_classes, dtype=_DTYPES[dtype], **kwargs)
+  return MODELS[model_config.name](num_classes=num_classes, dtype=DTYPES[dtype], **kwargs)

@@ -3,7 +3,7 @@
 Module names follow torchvision (`conv1`, `bn1`, `layer3_1.conv2`, `layer1_0.downsample_conv`), so
 a torchvision state dict maps onto the params one to one. 1x1 convolutions are written as a Dense
 over the channel axis (a [1, 1, Cin, Cout] kernel is a [Cin, Cout] matrix): on XLA:CPU the weight
-gradient of a 1x1 convolution is about twenty times slower than the same matmul (DESIGN.md).
+gradient of a 1x1 convolution is much slower than the same matmul (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# config.model.activation: the nonlinearity of the CNN blocks and the decoders.
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+
 
 def accumulates_in_float32(dtype: jnp.dtype) -> bool:
   """Whether a reduced-precision matmul should ask for a float32 result explicitly.
 
-  On the CPU a bfloat16 x bfloat16 -> bfloat16 dot takes a slow path (about 210 GFLOP/s on this
-  project's AVX-512 CPU, below float32's 290), while -> float32 runs on the bfloat16 matrix
-  units where the CPU has them (AMX: 900+ GFLOP/s). GPUs and TPUs accumulate in float32 anyway.
+  On the CPU a bfloat16 x bfloat16 -> bfloat16 dot takes a slow path (slower than float32),
+  while -> float32 runs on the bfloat16 matrix units where the CPU has them (docs/performance.md).
+  GPUs and TPUs accumulate in float32 anyway.
   """
   return dtype != jnp.float32 and jax.default_backend() == "cpu"
 
@@ -56,8 +59,7 @@ class Conv3x3(nn.Module):
   [3, 3, Cin, features], optional bias [features]). With d >= H (or W) the off-centre rows (or
   columns) of the kernel only ever read zero padding: the convolution keeps the kernel rows and
   columns that reach the image. Exact on every backend; it matters on XLA:CPU, whose dilated
-  convolutions slow down as the dilation grows (DeepLabv2's ASPP, rates 6-24 on an 8x16 map:
-  forward+backward about 6x faster).
+  convolutions slow down as the dilation grows (DeepLabv2's ASPP: rates 6-24 on small maps).
   """
 
   features: int
@@ -111,13 +113,15 @@ class Bottleneck(nn.Module):
   survival_prob: float = 1.0
   frozen_bn: bool = False
   dtype: jnp.dtype = jnp.float32
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     norm = lambda name: batch_norm(name, train, self.frozen_bn, self.dtype)  # noqa: E731
-    out = nn.relu(norm("bn1")(Conv1x1(self.width, dtype=self.dtype, name="conv1")(x)))
+    act = ACTIVATIONS[self.activation]
+    out = act(norm("bn1")(Conv1x1(self.width, dtype=self.dtype, name="conv1")(x)))
     out = Conv3x3(self.width, self.stride, self.dilation, dtype=self.dtype, name="conv2")(out)
-    out = nn.relu(norm("bn2")(out))
+    out = act(norm("bn2")(out))
     out = norm("bn3")(Conv1x1(self.width * 4, dtype=self.dtype, name="conv3")(out))
     deterministic = not train or self.survival_prob >= 1.0
     rng = None if deterministic else self.make_rng("dropout")
@@ -125,7 +129,7 @@ class Bottleneck(nn.Module):
     if self.downsample:
       x = norm("downsample_bn")(
           Conv1x1(self.width * 4, self.stride, dtype=self.dtype, name="downsample_conv")(x))
-    return nn.relu(out + x)
+    return act(out + x)
 
 
 class ResNet(nn.Module):
@@ -145,13 +149,14 @@ class ResNet(nn.Module):
   frozen_bn: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     x = nn.Conv(self.base_width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                 name="conv1")(x)
-    x = nn.relu(batch_norm("bn1", train, self.frozen_bn, self.dtype)(x))
+    x = ACTIVATIONS[self.activation](batch_norm("bn1", train, self.frozen_bn, self.dtype)(x))
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_features = self.base_width
@@ -163,6 +168,6 @@ class ResNet(nn.Module):
             width=width, stride=stride, dilation=self.dilations[stage],
             downsample=block == 0 and (stride != 1 or in_features != width * 4),
             survival_prob=self.survival_prob, frozen_bn=self.frozen_bn, dtype=self.dtype,
-            name=f"layer{stage + 1}_{block}")(x, train)
+            activation=self.activation, name=f"layer{stage + 1}_{block}")(x, train)
         in_features = width * 4
     return x

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rml_jax.models.resnet import batch_norm
+from rml_jax.models.resnet import ACTIVATIONS, batch_norm
 from rml_jax.models.vit import VisionTransformer
 
 
@@ -39,6 +39,7 @@ class SETR(nn.Module):
   # input sizes (whole-image eval). None: sized for the input at init.
   image_size: tuple[int, int] | None = None
   remat: bool = False
+  activation: str = "relu"  # the decoder's
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -49,15 +50,16 @@ class SETR(nn.Module):
                                pos_grid=pos_grid, remat=self.remat,
                                name="encoder")(images, train)
     norm = lambda name: batch_norm(name, train, self.frozen_bn, self.dtype)  # noqa: E731
+    act = ACTIVATIONS[self.activation]
     x = tokens
     if self.decoder == "naive":
-      x = nn.relu(norm("decode_bn")(nn.Dense(self.decoder_width, dtype=self.dtype,
+      x = act(norm("decode_bn")(nn.Dense(self.decoder_width, dtype=self.dtype,
                                               name="decode_conv")(x)))
     elif self.decoder == "pup":
       for i in range(4):
         x = nn.Conv(self.decoder_width, (3, 3), padding=1, dtype=self.dtype,
                     name=f"decode_conv{i}")(x)
-        x = nn.relu(norm(f"decode_bn{i}")(x))
+        x = act(norm(f"decode_bn{i}")(x))
         if i < 3:
           x = _upsample(x, 2)
     else:

@@ -1,0 +1,118 @@
+"""The config schema: every key a run reads, with the paper's method settings as values.
+
+Every other config imports this one and overrides what differs (dataset, model size, schedule).
+`rml_jax.schema.validate` checks every value before anything runs. Where the paper (section 5)
+states a setting the value here is the paper's; docs/fidelity.md lists the rest and their sources.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # initialisation, dropout, CutMix and data order
+  config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and losses stay float32)
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="digit_scenes",  # digit_scenes | cityscapes | voc_aug | image_folder
+      data_dir="",  # where TFDS keeps the prepared dataset ("" = ~/tensorflow_datasets)
+      prepare=True,  # prepare the dataset when it is not there yet
+      manual_dir="",  # the downloaded files of a dataset that needs them (cityscapes, voc_aug)
+      train_split="train",
+      val_split="val",
+      labeled_fraction=1 / 16,  # without data.split: a seeded share of the images is labeled
+      split="",  # a split folder of data/splits/<dataset>/ (or data.split_dir); "" = the fraction
+      split_seed=0,  # draws the labeled fraction and the val holdout
+      split_dir="",  # another folder of split folders ("" = data/splits/<dataset>)
+      resize=None,  # (h, w) every train image is resized to first (None = as stored)
+      crop_size=(64, 64),  # (h, w) of the random training crops
+      scale_range=(0.75, 1.5),  # random rescale before the crop
+      flip=False,  # random horizontal flip
+      mean=(0.5, 0.5, 0.5),  # input standardisation, on [0, 1] pixel values
+      std=(0.25, 0.25, 0.25),
+      worker_count=1,  # grain worker processes (0 = in the main process)
+      prefetch=4,  # batches each worker prepares ahead
+      # image_folder only (configs/folder.py documents each):
+      root="",
+      images_dir="images",
+      labels_dir="labels",
+      label_suffix="",
+      unlabeled_dir="unlabeled",
+      val_images_dir="",
+      val_labels_dir="",
+      val_holdout=0,  # labeled images held out as the val set (0 = none)
+      class_names=("background", "foreground"),
+      label_map=((0, 0), (255, 1)),  # ((raw value, class id), ...); () = raw values are ids
+      ignore_value=-1,  # the raw label value meaning "not labeled" (-1 = none)
+  ))
+  config.augment = ml_collections.ConfigDict(dict(
+      num_ops=2,  # RandAugment photometric ops per strong view (paper: RandAugment)
+      magnitude_range=(0.1, 0.9),  # each op's magnitude is drawn from this range
+      ops=("brightness", "contrast", "color", "sharpness", "posterize", "solarize", "equalize",
+           "autocontrast", "blur", "noise"),
+      cutmix_prob=0.5,  # paper: CutMix; probability and box area as UniMatch
+      cutmix_area=(0.02, 0.4),  # box area range, a fraction of the crop
+  ))
+  config.model = ml_collections.ConfigDict(dict(
+      name="deeplabv2_resnet101",  # paper: DeepLabv2-ResNet101 (rml_jax.models.MODELS)
+      dropout_rate=0.5,  # paper: dropout 0.5 before the classifier
+      survival_prob=0.8,  # paper: stochastic depth, survival 0.8 per residual block
+      frozen_bn=False,  # batch norm of the pretrained backbone uses its stored statistics
+      remat=False,  # recompute block activations in the backward pass: less memory, more FLOPs
+      init_from="",  # a params file from `python -m rml_jax.convert` ("" = from scratch)
+      activation="relu",  # relu | gelu, the CNN blocks' and decoders' nonlinearity
+  ))
+  # "" = the same architecture as config.model (and its init_from); a name makes the pair
+  # heterogeneous (paper Table 5), e.g. model_b.name=setr_naive_tiny.
+  config.model_b = ml_collections.ConfigDict(dict(name="", init_from=""))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd",  # sgd | adamw (paper: SGD)
+      learning_rate=1e-4,  # paper: 1e-4 with polynomial decay
+      momentum=0.9,  # sgd only
+      weight_decay=5e-4,
+      poly_power=0.9,  # lr * (1 - t / total_steps) ** poly_power
+      warmup_steps=0,  # linear warm-up before the decay
+  ))
+  config.rml = ml_collections.ConfigDict(dict(
+      mode="rml",  # supervised | mean_teacher | direct | iml | rml (the paper's ladder)
+      threshold=0.9,  # tau in eq. 2: confidence a pseudo label needs
+      unsup_weight=0.5,  # lambda on the two teachers' terms of eq. 5
+      unsup_rampup_steps=0,  # > 0: sigmoid ramp-up of lambda over these steps (mean teacher)
+      ema_decay=0.999,  # eq. 4's mean-teacher decay (warmed up as min(decay, (t+1)/(t+10)))
+      # labeled: running BN statistics from the labeled pass only (two passes per student);
+      # joint: one pass over concat(labeled, strong).
+      bn_stats="joint",
+      stages=2,  # paper: two stages; each stage runs total_steps
+      stage_restart="init",  # at a new stage students restart from: init | continue
+      soft_label_top_k=3,  # stored soft labels keep each pixel's k most likely classes
+      prototype_momentum=0.9999,  # paper: lambda in eq. 11
+      prototype_temperature=1.0,  # eq. 9: softmax(-distance / temperature)
+      rectify_start_step=0,  # rectify once every class has a prototype and from this step on
+  ))
+  # Inference for eval, predict and stored soft labels: "whole" images (at eval.resize, None =
+  # as stored) or "sliding" windows (eval.window, None = the crop; stride a fraction of it).
+  config.eval = ml_collections.ConfigDict(dict(
+      protocol="whole", window=None, stride=2 / 3, flip=False, resize=None, pad_to=None))
+  # --mode=predict: colour masks and overlays for a folder of images, from the latest checkpoint.
+  config.predict = ml_collections.ConfigDict(dict(
+      input="",  # the folder of images
+      output="",  # "" = <workdir>/predictions
+      model="teacher_a",  # teacher_a | teacher_b | student_a | student_b
+      overlay_alpha=0.5,  # colour share of the overlays
+  ))
+  config.labeled_batch_size = 4  # paper: batch size 4 (Cityscapes)
+  config.unlabeled_batch_size = 4
+  config.eval_batch_size = 8
+  config.total_steps = 90_000  # steps per stage (paper: 90k on Cityscapes)
+  config.log_every = 100
+  config.eval_every = 5_000
+  config.checkpoint_every = 1_000
+  config.keep_checkpoints = 2  # checkpoints kept in the workdir
+  config.max_steps_per_run = 0  # > 0: stop (with a checkpoint) after this many steps; rerun resumes
+  config.max_skipped_steps = 20  # stop when this many steps in a row are non-finite (0 = never)
+  config.num_image_summaries = 2  # val and pseudo-label images in each eval's summaries
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # devices along the batch axis (-1 = all that fsdp leaves)
+      fsdp=1,  # devices the big parameters are split over
+  ))
+  return config

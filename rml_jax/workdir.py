@@ -1,0 +1,99 @@
+"""A run's directory: what a run writes and where.
+
+  <workdir>/config.json             the config of the latest training start
+  <workdir>/labeled_ids.txt         the train indices that trained with labels
+  <workdir>/checkpoints/<step>/     orbax: state, grain iterator, run description
+  <workdir>/eval/step_<N>.json      per-class IoU and mIoU of the four models
+  <workdir>/soft_labels/stage_<s>/  stage-wise training's stored soft labels (soft_labels.py)
+  <workdir>/predictions/            --mode=predict's default output
+  <workdir>/events.out.tfevents.*   clu / TensorBoard scalars and images
+Only process 0 writes the files besides checkpoints, which orbax coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from rml_jax import checkpoint, storage
+from rml_jax.errors import UserError
+
+
+class Workdir:
+  """The directory `path` of one run and its checkpointer.
+
+  read_only: for --mode=eval / predict, which need checkpoints written by a training run and
+  write only their own results.
+  """
+
+  def __init__(self, path: str, keep_checkpoints: int, read_only: bool = False):
+    self.path = os.path.abspath(os.path.expanduser(path))
+    self.read_only = read_only
+    if read_only:
+      if not os.path.isdir(os.path.join(self.path, "checkpoints")):
+        raise UserError(f"--workdir: no checkpoints under {self.path}; expected a workdir "
+                        "written by a training run")
+    else:
+      storage.ensure_writable_dir(self.path, "--workdir", "the run's checkpoints and logs")
+    self.checkpointer = checkpoint.Checkpointer(os.path.join(self.path, "checkpoints"),
+                                                keep=keep_checkpoints, read_only=read_only)
+
+  @property
+  def is_writer(self) -> bool:
+    """Whether this process writes the run's own files (process 0)."""
+    return jax.process_index() == 0
+
+  def write_start(self, config: ml_collections.ConfigDict, labeled_idx: np.ndarray) -> None:
+    """config.json and labeled_ids.txt of a training start."""
+    if not self.is_writer:
+      return
+    _write_text(os.path.join(self.path, "config.json"), config.to_json_best_effort(indent=1))
+    _write_text(os.path.join(self.path, "labeled_ids.txt"),
+                "\n".join(str(i) for i in labeled_idx) + "\n")
+
+  def write_eval(self, step: int, results: dict[str, Any]) -> str:
+    """eval/step_<step>.json (process 0 only); returns its path."""
+    path = os.path.join(self.path, "eval", f"step_{step}.json")
+    if self.is_writer:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _write_text(path, json.dumps({"step": step, "results": results}, indent=1))
+    return path
+
+  def soft_labels_dir(self, stage: int) -> str:
+    return os.path.join(self.path, "soft_labels", f"stage_{stage}")
+
+  @property
+  def predictions_dir(self) -> str:
+    return os.path.join(self.path, "predictions")
+
+  def latest_checkpoint(self) -> int:
+    """The latest checkpointed step; one line when there is none (eval / predict)."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"--workdir: no checkpoint in {self.checkpointer.directory}; "
+                      "train first (same --config and --workdir)")
+    return step
+
+  def kept_checkpoint_note(self) -> str:
+    """Where the last good checkpoint is, for a message after a failed run."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {latest}) is kept in {self.checkpointer.directory}"
+
+  def close(self) -> None:
+    """Waits for pending checkpoint writes, then releases the checkpointer."""
+    self.checkpointer.wait()
+    self.checkpointer.close()
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (a complete file or the previous one)."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
