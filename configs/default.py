@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.rml = ml_collections.ConfigDict(dict(
       mode="rml",  # supervised | mean_teacher | direct | iml | rml (the paper's ladder)
       threshold=0.9,  # tau in eq. 2: confidence a pseudo label needs
-      unsup_weight=0.5,  # lambda on the two teachers' terms of eq. 5
+      unsup_weight=1.0,  # weight of each student's two terms of eq. 5 (paper: unit weights)
       unsup_rampup_steps=0,  # > 0: sigmoid ramp-up of lambda over these steps (mean teacher)
       ema_decay=0.999,  # eq. 4's mean-teacher decay (warmed up as min(decay, (t+1)/(t+10)))
       # labeled: running BN statistics from the labeled pass only (two passes per student);

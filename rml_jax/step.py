@@ -319,12 +319,13 @@ def student_gradients(learner: Learner, model: nn.Module, inputs, rng: jax.Array
 
 
 def apply_update(learner: Learner, tx: optax.GradientTransformation, loss: jax.Array,
-                 batch_stats: Any, grads: Any, decay: jax.Array
+                 batch_stats: Any, grads: Any, decay: jax.Array, previous: Learner | None = None
                  ) -> tuple[Learner, dict[str, jax.Array]]:
   """The optimizer step and the teacher's EMA (eq. 4) from one student's gradients.
 
-  A non-finite loss or gradient norm leaves the learner unchanged (metric `skipped` = 1): one
-  bad batch cannot poison the weights or the teacher.
+  A non-finite loss or gradient norm returns `previous` (the learner as the step found it,
+  before this step's prototype update; default `learner`) and metric `skipped` = 1: one bad
+  batch cannot poison the weights, the teacher or the prototypes.
   """
   grad_norm = optax.global_norm(grads)
   # Decided before the update, so the select below fuses into the update's own pass over the
@@ -337,7 +338,8 @@ def apply_update(learner: Learner, tx: optax.GradientTransformation, loss: jax.A
       ema_params=ema_update(learner.ema_params, params, decay),
       ema_batch_stats=ema_update(learner.ema_batch_stats, batch_stats, decay))
   # Divergence guard: keep the old learner (prototypes included) when this update is not finite.
-  new_learner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_learner, learner)
+  previous = learner if previous is None else previous
+  new_learner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_learner, previous)
   return new_learner, {"loss": loss, "grad_norm": grad_norm,
                        "skipped": 1.0 - finite.astype(jnp.float32)}
 
@@ -371,12 +373,13 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
   unsup_weight = unsup_weight_at(local_step, cfg.unsup_weight, cfg.unsup_rampup_steps)
   decay = ema_decay_at(local_step, cfg.ema_decay)
   updated = []
-  for name, learner, model, key, target in zip(("a", "b"), learners,
-                                               (state.model_a, state.model_b),
-                                               (rng_a, rng_b), targets):
+  for name, learner, previous, model, key, target in zip(
+      ("a", "b"), learners, (state.learner_a, state.learner_b), (state.model_a, state.model_b),
+      (rng_a, rng_b), targets):
     loss, batch_stats, aux, grads = student_gradients(
         learner, model, inputs, key, student_loss_fn(labels, target, unsup_weight))
-    learner, update_metrics = apply_update(learner, state.tx, loss, batch_stats, grads, decay)
+    learner, update_metrics = apply_update(learner, state.tx, loss, batch_stats, grads, decay,
+                                           previous)
     metrics.update({f"{k}_{name}": v for k, v in {**aux, **update_metrics}.items()})
     updated.append(learner)
   new_state = state.replace(step=state.step + 1, learner_a=updated[0], learner_b=updated[1])

@@ -106,3 +106,21 @@ def test_remat_config_reaches_the_blocks():
           v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}))(
               variables))
     assert "remat" in traced[True] and "remat" not in traced[False], name
+
+
+@pytest.mark.parametrize("module", [city, voc])
+def test_paper_configs_carry_the_settings_the_paper_states(module):
+  """Section 5.2 and eq. 5 (docs/fidelity.md lists the settings the paper leaves open)."""
+  config = module.get_config()
+  assert config.model.name == "deeplabv2_resnet101"
+  assert (config.model.dropout_rate, config.model.survival_prob) == (0.5, 0.8)
+  assert (config.optimizer.name, config.optimizer.learning_rate) == ("sgd", 1e-4)
+  assert config.rml.prototype_momentum == 0.9999 and config.rml.stages == 2
+  assert config.rml.unsup_weight == 1.0  # eq. 5: the four terms with unit weights
+  assert config.rml.mode == "rml"
+  if module is city:
+    assert config.data.resize == (512, 1024) and config.data.crop_size == (256, 512)
+    assert (config.labeled_batch_size, config.total_steps) == (4, 90_000)
+  else:
+    assert config.data.scale_range == (0.5, 1.5) and config.data.crop_size == (321, 321)
+    assert (config.labeled_batch_size, config.total_steps) == (10, 60_000)

@@ -95,8 +95,11 @@ def test_rml_step_initialises_prototypes_from_teacher_class_means(data_dir, tmp_
     assert np.isfinite(float(metrics[key]))
 
 
-def test_non_finite_update_is_skipped_and_counted(data_dir, tmp_path):
-  program = _program(data_dir, "iml")
+@pytest.mark.parametrize("mode", ["iml", "rml"])
+def test_non_finite_update_is_skipped_and_counted(data_dir, mode):
+  """The whole learner stays bitwise as it was, in rml its prototypes too (they are updated
+  from the finite teacher before the student's update is found non-finite)."""
+  program = _program(data_dir, mode)
   poisoned = _state_with(program, None)
   leaves, treedef = jax.tree.flatten(poisoned.learner_a.params)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
@@ -148,3 +151,29 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32(data_dir, tmp
   # Same initial weights, so the first loss differs only by bfloat16 rounding.
   assert results["bfloat16"] == pytest.approx(results["float32"], rel=2e-2)
   assert results["bfloat16"] != results["float32"]  # the compute really ran in bfloat16
+
+
+def test_city_setr_pair_trains_the_setr_decoder_statistics_and_keeps_the_resnets_frozen():
+  """configs/city_setr.py freezes the pretrained ResNet's batch-norm statistics
+  (model.frozen_bn); the SETR decoder's batch norm is freshly initialised and must train."""
+  from configs import city_setr
+
+  program = Program.create(city_setr.get_config("cpu"))  # tiny DeepLabv2 + tiny SETR
+  assert type(program.abstract_state.model_b).__name__ == "SETR"
+  rng = np.random.default_rng(0)
+  h, w = program.config.data.crop_size
+  image = lambda: rng.integers(0, 255, (2, h, w, 3), dtype=np.uint8)  # noqa: E731
+  batch = {"labeled": {"image": image(), "label": rng.integers(0, 19, (2, h, w)).astype(np.int32)},
+           "unlabeled": {"weak": image(), "strong": image(), "valid": np.ones((2, h, w), bool),
+                         "label": np.full((2, h, w), 255, np.int32)}}
+  before = jax.device_get(program.fresh_state(jax.random.key(0)))
+  after, _ = program.train_fn(program.fresh_state(jax.random.key(0)),
+                              sharding.to_global(batch, program.mesh))
+  after = jax.device_get(after)
+  for old, new in zip(jax.tree.leaves(before.learner_a.batch_stats),
+                      jax.tree.leaves(after.learner_a.batch_stats)):
+    np.testing.assert_array_equal(old, new)  # the frozen ResNet
+  setr_old = before.learner_b.batch_stats["decode_bn"]
+  setr_new = after.learner_b.batch_stats["decode_bn"]
+  assert not np.allclose(setr_old["mean"], setr_new["mean"])
+  assert not np.allclose(setr_old["var"], setr_new["var"])

@@ -50,7 +50,9 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
   if model_config.name not in MODELS:
     raise UserError(f"config.model.name: unknown model {model_config.name!r}; "
                     f"expected one of {sorted(MODELS)}")
-  kwargs = {k: model_config[k] for k in _MODEL_FIELDS if k in model_config}
-  if image_size and "image_size" in MODELS[model_config.name].func.__dataclass_fields__:
+  fields = MODELS[model_config.name].func.__dataclass_fields__
+  # Each model takes the config fields it has (SETR has no frozen_bn: its decoder is new).
+  kwargs = {k: model_config[k] for k in _MODEL_FIELDS if k in model_config and k in fields}
+  if image_size and "image_size" in fields:
     kwargs["image_size"] = tuple(image_size)
   return MODELS[model_config.name](num_classes=num_classes, dtype=DTYPES[dtype], **kwargs)

@@ -33,7 +33,6 @@ class SETR(nn.Module):
   decoder_width: int = 256
   dropout_rate: float = 0.0
   survival_prob: float = 1.0
-  frozen_bn: bool = False
   dtype: jnp.dtype = jnp.float32
   # The training crop (h, w): position embeddings are sized for it and resampled for other
   # input sizes (whole-image eval). None: sized for the input at init.
@@ -49,7 +48,9 @@ class SETR(nn.Module):
                                survival_prob=self.survival_prob, dtype=self.dtype,
                                pos_grid=pos_grid, remat=self.remat,
                                name="encoder")(images, train)
-    norm = lambda name: batch_norm(name, train, self.frozen_bn, self.dtype)  # noqa: E731
+    # The decoder is freshly initialised, so its batch norm always trains (config.model.frozen_bn
+    # keeps a pretrained backbone's statistics; the ViT encoder has no batch norm).
+    norm = lambda name: batch_norm(name, train, False, self.dtype)  # noqa: E731
     act = ACTIVATIONS[self.activation]
     x = tokens
     if self.decoder == "naive":
