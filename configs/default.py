@@ -56,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name="deeplabv2_resnet101",  # paper: DeepLabv2-ResNet101 (rml_jax.models.MODELS)
       dropout_rate=0.5,  # paper: dropout 0.5 before the classifier
-      survival_prob=0.8,  # paper: stochastic depth, survival 0.8 per residual block
+      survival_prob=0.8,  # paper: stochastic depth, "layer-wise survival probability 0.8"
+      # uniform: every block survives with survival_prob; linear: stochastic depth's own rule,
+      # survival falls linearly with depth to survival_prob at the last block (docs/fidelity.md).
+      survival_schedule="linear",
       frozen_bn=False,  # batch norm of the pretrained backbone uses its stored statistics
       remat=False,  # recompute block activations in the backward pass: less memory, more FLOPs
       init_from="",  # a params file from `python -m rml_jax.convert` ("" = from scratch)

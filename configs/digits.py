@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="deeplabv2_tiny",
       dropout_rate=0.0,  # model noise off for plain IML
       survival_prob=1.0,
+      survival_schedule="uniform",  # the schedule the demo's model-noise rungs were measured with
   ))
   # The paper fine-tunes pretrained DeepLabv2 with SGD; this tiny model learns from scratch,
   # which AdamW does far more reliably. The schedule stays poly.

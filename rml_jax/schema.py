@@ -166,6 +166,7 @@ RULES: dict[str, Check] = {
     "model.name": choice(*models.MODELS),
     "model.dropout_rate": number(0.0, 1.0, high_open=True),
     "model.survival_prob": number(0.0, 1.0, low_open=True),
+    "model.survival_schedule": choice(*models.SURVIVAL_SCHEDULES),
     "model.frozen_bn": boolean(),
     "model.remat": boolean(),
     "model.init_from": string(),

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rml_jax import models
 from rml_jax.models.resnet import Conv1x1, Conv3x3
 
 
@@ -81,3 +82,38 @@ def test_conv1x1_in_bfloat16_rounds_a_float32_sum_once():
   g16, g32 = (g["params"]["kernel_dense"]["kernel"] for g in (grad16, grad32))
   assert g16.dtype == jnp.float32
   np.testing.assert_allclose(g16, g32, rtol=0, atol=2e-2 * float(jnp.max(jnp.abs(g32))))
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "linear"])
+def test_stochastic_depth_schedule_reaches_every_block(monkeypatch, schedule):
+  """Each residual block draws with its own survival probability: survival_prob everywhere
+  (uniform), or 1 - l / L * (1 - survival_prob) for block l of L (linear), in the ResNet and in
+  the ViT of the students."""
+  import ml_collections
+
+  from rml_jax.models import resnet, vit
+
+  seen = []
+
+  def recording_drop_path(x, survival_prob, deterministic, rng):
+    seen.append(survival_prob)
+    return x
+
+  monkeypatch.setattr(resnet, "drop_path", recording_drop_path)
+  monkeypatch.setattr(vit, "drop_path", recording_drop_path)
+  for name, blocks in (("deeplabv2_tiny", 4), ("setr_naive_tiny", 4 * 2)):  # ViT: 2 per block
+    seen.clear()
+    model = models.build_model(ml_collections.ConfigDict(dict(
+        name=name, survival_prob=0.6, survival_schedule=schedule)), 3)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    seen.clear()
+    model.apply(variables, x, train=True, mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(1)})
+    depth = 4
+    want = ([0.6] * depth if schedule == "uniform"
+            else [1 - (i + 1) / depth * 0.4 for i in range(depth)])
+    per_block = seen if blocks == depth else seen[::2]
+    np.testing.assert_allclose(per_block, want, rtol=1e-12)
+    if blocks != depth:  # the ViT block's two residual branches share the block's probability
+      np.testing.assert_allclose(seen[1::2], want, rtol=1e-12)

@@ -12,6 +12,7 @@ import ml_collections
 from rml_jax.errors import UserError
 from rml_jax.models.deeplabv2 import DeepLabV2
 from rml_jax.models.resnet import ACTIVATIONS as ACTIVATIONS  # config.model.activation
+from rml_jax.models.resnet import SURVIVAL_SCHEDULES as SURVIVAL_SCHEDULES
 from rml_jax.models.setr import SETR
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype
@@ -37,7 +38,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                          depth=4, num_heads=4, decoder_width=64),
 }
 
-_MODEL_FIELDS = ("dropout_rate", "survival_prob", "frozen_bn", "remat", "activation")
+_MODEL_FIELDS = ("dropout_rate", "survival_prob", "survival_schedule", "frozen_bn", "remat",
+                 "activation")
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,

@@ -48,6 +48,7 @@ class DeepLabV2(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   activation: str = "relu"
+  survival_schedule: str = "uniform"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -55,7 +56,8 @@ class DeepLabV2(nn.Module):
         stage_sizes=self.stage_sizes, base_width=self.base_width, strides=self.strides,
         dilations=self.dilations, stem_pool=self.stem_pool, survival_prob=self.survival_prob,
         frozen_bn=self.frozen_bn, dtype=self.dtype, remat=self.remat,
-        activation=self.activation, name="backbone")(images, train)
+        activation=self.activation, survival_schedule=self.survival_schedule,
+        name="backbone")(images, train)
     head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
     logits = ASPPSum(self.num_classes, self.aspp_rates, self.dtype, name="head")(head_input)
     n, h, w, _ = images.shape

@@ -86,6 +86,20 @@ class Conv3x3(nn.Module):
     return y
 
 
+SURVIVAL_SCHEDULES = ("uniform", "linear")  # config.model.survival_schedule
+
+
+def survival_probs(num_blocks: int, survival_prob: float, schedule: str) -> list[float]:
+  """Per-block survival probabilities of stochastic depth, first block first.
+
+  uniform: survival_prob for every block; linear: Huang et al.'s rule, 1 - (l / L) *
+  (1 - survival_prob) for block l = 1..L, so the last block survives with survival_prob.
+  """
+  if schedule == "uniform":
+    return [survival_prob] * num_blocks
+  return [1.0 - (i + 1) / num_blocks * (1.0 - survival_prob) for i in range(num_blocks)]
+
+
 def drop_path(x: jax.Array, survival_prob: float, deterministic: bool, rng: jax.Array | None):
   """Stochastic depth: zeroes a residual branch per sample with prob 1 - survival_prob.
 
@@ -150,6 +164,7 @@ class ResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass
   activation: str = "relu"
+  survival_schedule: str = "uniform"  # survival_probs: uniform | linear over the blocks
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -160,6 +175,8 @@ class ResNet(nn.Module):
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_features = self.base_width
+    survival = iter(survival_probs(sum(self.stage_sizes), self.survival_prob,
+                                   self.survival_schedule))
     for stage, num_blocks in enumerate(self.stage_sizes):
       width = self.base_width * 2**stage
       for block in range(num_blocks):
@@ -167,7 +184,7 @@ class ResNet(nn.Module):
         x = block_cls(
             width=width, stride=stride, dilation=self.dilations[stage],
             downsample=block == 0 and (stride != 1 or in_features != width * 4),
-            survival_prob=self.survival_prob, frozen_bn=self.frozen_bn, dtype=self.dtype,
+            survival_prob=next(survival), frozen_bn=self.frozen_bn, dtype=self.dtype,
             activation=self.activation, name=f"layer{stage + 1}_{block}")(x, train)
         in_features = width * 4
     return x

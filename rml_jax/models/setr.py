@@ -39,6 +39,7 @@ class SETR(nn.Module):
   image_size: tuple[int, int] | None = None
   remat: bool = False
   activation: str = "relu"  # the decoder's
+  survival_schedule: str = "uniform"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -47,6 +48,7 @@ class SETR(nn.Module):
     tokens = VisionTransformer(self.patch_size, self.hidden_size, self.depth, self.num_heads,
                                survival_prob=self.survival_prob, dtype=self.dtype,
                                pos_grid=pos_grid, remat=self.remat,
+                               survival_schedule=self.survival_schedule,
                                name="encoder")(images, train)
     # The decoder is freshly initialised, so its batch norm always trains (config.model.frozen_bn
     # keeps a pretrained backbone's statistics; the ViT encoder has no batch norm).

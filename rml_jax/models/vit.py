@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rml_jax.models.resnet import drop_path
+from rml_jax.models.resnet import drop_path, survival_probs
 
 
 class Attention(nn.Module):
@@ -86,6 +86,7 @@ class VisionTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   pos_grid: tuple[int, int] | None = None  # the token grid of the crop (None: the input's)
   remat: bool = False  # recompute each block's activations in the backward pass
+  survival_schedule: str = "uniform"  # resnet.survival_probs: uniform | linear over the blocks
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -101,8 +102,9 @@ class VisionTransformer(nn.Module):
       pos = resample_pos_embed(pos, grid, (h, w))
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1) + pos
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    survival = survival_probs(self.depth, self.survival_prob, self.survival_schedule)
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, self.survival_prob, self.dtype,
-                name=f"blocks_{i}")(x, train)
+      x = block_cls(self.num_heads, self.mlp_ratio, survival[i], self.dtype,
+                    name=f"blocks_{i}")(x, train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     return x[:, 1:].reshape(n, h, w, d)
