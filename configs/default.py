@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
       # survival falls linearly with depth to survival_prob at the last block (docs/fidelity.md).
       survival_schedule="linear",
       frozen_bn=False,  # batch norm of the pretrained backbone uses its stored statistics
+      train_bn_affine=False,  # with frozen_bn: its scales and biases still train (DeepLab: no)
       remat=False,  # recompute block activations in the backward pass: less memory, more FLOPs
       init_from="",  # a params file from `python -m rml_jax.convert` ("" = from scratch)
       activation="relu",  # relu | gelu, the CNN blocks' and decoders' nonlinearity
@@ -73,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4,  # paper: 1e-4 with polynomial decay
       momentum=0.9,  # sgd only
       weight_decay=5e-4,
+      decay_all_params=False,  # False: kernels only (no decay on biases, norms, embeddings)
       poly_power=0.9,  # lr * (1 - t / total_steps) ** poly_power
       warmup_steps=0,  # linear warm-up before the decay
   ))

@@ -70,14 +70,43 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
 
 
+def decays(params: PyTree) -> PyTree:
+  """The weight-decay mask: True for convolution and dense kernels; False for biases,
+  normalisation scales, position embeddings and class tokens."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def frozen_bn_labels(params: PyTree) -> PyTree:
+  """'frozen' for the scale and bias of every batch norm inside a pretrained backbone
+  (`backbone/.../bn*`), 'train' for everything else."""
+
+  def label(path, _) -> str:
+    names = [getattr(entry, "key", "") for entry in path]
+    in_backbone_bn = "backbone" in names and any(n.startswith(("bn", "downsample_bn"))
+                                                 for n in names)
+    return "frozen" if in_backbone_bn else "train"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD with momentum and decoupled-style L2 weight decay (the paper's solver), or AdamW."""
+  """SGD with momentum and L2 weight decay (the paper's solver), or AdamW.
+
+  Weight decay reaches the kernels only (`decays`) unless config.optimizer.decay_all_params.
+  With config.model.frozen_bn and not config.model.train_bn_affine, the backbone's batch-norm
+  scales and biases stay fixed too (DeepLab's fine-tuning).
+  """
   opt = config.optimizer
   schedule = learning_rate_schedule(config)
+  mask = None if opt.decay_all_params else decays
   if opt.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                       optax.sgd(schedule, momentum=opt.momentum, nesterov=False))
-  return optax.adamw(schedule, weight_decay=opt.weight_decay)  # "adamw" (schema.validate)
+    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=mask),
+                     optax.sgd(schedule, momentum=opt.momentum, nesterov=False))
+  else:  # "adamw" (schema.validate)
+    tx = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=mask)
+  if config.model.frozen_bn and not config.model.train_bn_affine:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_bn_labels)
+  return tx
 
 
 def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, ...]:

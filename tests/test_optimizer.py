@@ -1,0 +1,77 @@
+"""The optimizer against the update rule written out: SGD with L2 decay on kernels only, and a
+frozen backbone batch norm whose scales and biases do not move."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import city, digits
+from rml_jax import models, state
+
+
+def _params(config, name=None):
+  model_config = config.model.copy_and_resolve_references()
+  if name:
+    model_config.name = name
+  model = models.build_model(model_config, 19)
+  return model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+
+
+def _paths(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_sgd_decays_kernels_only():
+  config = city.get_config("cpu,model.frozen_bn=False")  # SGD, lr 1e-4, decay 5e-4
+  params = _params(config)
+  tx = state.make_optimizer(config)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  lr, decay = config.optimizer.learning_rate, config.optimizer.weight_decay
+  kinds = set()
+  for path, update in _paths(updates).items():
+    value = _paths(params)[path]
+    if path.endswith("['kernel']"):  # first momentum step: -lr * (grad + decay * w)
+      np.testing.assert_allclose(update, -lr * decay * value, rtol=1e-5, atol=1e-12)
+      kinds.add("kernel")
+    else:  # biases and batch-norm scales: no decay
+      np.testing.assert_array_equal(update, 0.0)
+      kinds.add(path.rsplit("[", 1)[-1])
+  assert kinds >= {"kernel", "'bias']", "'scale']"}
+
+
+def test_the_demo_decays_every_parameter_as_it_was_measured():
+  config = digits.get_config("optimizer.warmup_steps=0")  # AdamW, every leaf decayed
+  params = _params(config)
+  tx = state.make_optimizer(config)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  bias = _paths(updates)["['head']['branch0']['bias']"]
+  assert np.all(bias == 0.0)  # zero-initialised biases: decay moves nothing yet
+  scale = _paths(updates)["['backbone']['bn1']['scale']"]
+  assert np.all(scale != 0.0)  # ones: AdamW's decoupled decay reaches them
+
+
+@pytest.mark.parametrize("train_affine", [False, True])
+def test_frozen_batch_norm_keeps_the_backbone_scales_and_biases(train_affine):
+  config = city.get_config(f"cpu,model.train_bn_affine={train_affine}")  # frozen_bn=True
+  params = _params(config)
+  tx = state.make_optimizer(config)
+  grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.1, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {p: bool(np.any(u != 0)) for p, u in _paths(updates).items()}
+  backbone_bn = [p for p in moved if p.startswith("['backbone']") and "bn" in p]
+  assert backbone_bn and all(moved[p] == train_affine for p in backbone_bn)
+  assert all(moved[p] for p in moved if p not in backbone_bn)  # kernels, the head
+
+
+def test_setr_decoder_batch_norm_is_never_frozen():
+  config = city.get_config("cpu")  # frozen_bn=True
+  params = _params(config, "setr_naive_tiny")
+  labels = {jax.tree_util.keystr(p): label for p, label in
+            jax.tree_util.tree_flatten_with_path(state.frozen_bn_labels(params))[0]}
+  assert set(labels.values()) == {"train"}
+  assert any("decode_bn" in p for p in labels)
