@@ -16,13 +16,17 @@ import json
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from rml_jax import compilation_cache
+from rml_jax import compilation_cache, datasets, inference, input_pipeline, sharding, step
 from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import run_program
+from rml_jax.models.resnet import accumulates_in_float32
+from rml_jax.program import Program
 from rml_jax.step import MODES
 
 FLAGS = flags.FLAGS
@@ -57,8 +61,6 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
 
 def _timed(fn, *args, repeats: int = 5) -> float:
   """Median seconds of fn(*args) (blocking on the result) over `repeats` calls."""
-  import jax
-
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -75,11 +77,6 @@ def measured_peak(dtype: str = "float32") -> dict[str, float]:
   operands with a float32 result (`resnet.accumulates_in_float32`), which uses the CPU's
   bfloat16 matrix units where it has them.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from rml_jax.models.resnet import accumulates_in_float32
-
   on_cpu = jax.devices()[0].platform == "cpu"
   n = 1024 if on_cpu else 8192
   a = jnp.ones((n, n), dtype)
@@ -110,11 +107,6 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
     student_forward_backward: step.student_gradients of that loss;
     update: step.apply_update, one optimizer step and EMA teacher update of learner a.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from rml_jax import inference, step
-
   cfg = program.step_config
   mode = step.MODES[cfg.mode]
   learner, model, tx = train_state.learner_a, train_state.model_a, train_state.tx
@@ -162,11 +154,6 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
 
 def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool = False
               ) -> dict:
-  import jax
-
-  from rml_jax import datasets, input_pipeline, sharding
-  from rml_jax.program import Program
-
   program = Program.create(config)
   train_fn = program.train_fn
   start = time.perf_counter()
