@@ -33,8 +33,9 @@ def test_sgd_decays_kernels_only():
   updates, _ = tx.update(zeros, tx.init(params), params)
   lr, decay = config.optimizer.learning_rate, config.optimizer.weight_decay
   kinds = set()
+  values = _paths(params)
   for path, update in _paths(updates).items():
-    value = _paths(params)[path]
+    value = values[path]
     if path.endswith("['kernel']"):  # first momentum step: -lr * (grad + decay * w)
       np.testing.assert_allclose(update, -lr * decay * value, rtol=1e-5, atol=1e-12)
       kinds.add("kernel")
@@ -49,8 +50,6 @@ def test_the_demo_decays_every_parameter_as_it_was_measured():
   params = _params(config)
   tx = state.make_optimizer(config)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  bias = _paths(updates)["['head']['branch0']['bias']"]
-  assert np.all(bias == 0.0)  # zero-initialised biases: decay moves nothing yet
   scale = _paths(updates)["['backbone']['bn1']['scale']"]
   assert np.all(scale != 0.0)  # ones: AdamW's decoupled decay reaches them
 
