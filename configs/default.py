@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
       val_images_dir="",
       val_labels_dir="",
       val_holdout=0,  # labeled images held out as the val set (0 = none)
+      val_list="",  # a file of image ids (stems) of images_dir that form the val set ("" = none)
+      train_list="",  # with val_list: a file of the ids that train ("" = all not in val_list)
       class_names=("background", "foreground"),
       label_map=((0, 0), (255, 1)),  # ((raw value, class id), ...); () = raw values are ids
       ignore_value=-1,  # the raw label value meaning "not labeled" (-1 = none)
@@ -50,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
       magnitude_range=(0.1, 0.9),  # each op's magnitude is drawn from this range
       ops=("brightness", "contrast", "color", "sharpness", "posterize", "solarize", "equalize",
            "autocontrast", "blur", "noise"),
+      # per_student: each student its own strong view (RandAugment draw) and CutMix box, so
+      # input noise keeps the two learners apart (paper section 4.1); shared: one for both.
+      strong_views="per_student",
       cutmix_prob=0.5,  # paper: CutMix; probability and box area as UniMatch
       cutmix_area=(0.02, 0.4),  # box area range, a fraction of the crop
   ))
@@ -92,7 +97,12 @@ def get_config() -> ml_collections.ConfigDict:
       soft_label_top_k=3,  # stored soft labels keep each pixel's k most likely classes
       prototype_momentum=0.9999,  # paper: lambda in eq. 11
       prototype_temperature=1.0,  # eq. 9: softmax(-distance / temperature)
-      rectify_start_step=0,  # rectify once every class has a prototype and from this step on
+      # From this step of each stage on: exact eq. 10 prototypes over the train images with the
+      # current mean teachers, then eq. 11 online, and rectified labels (eq. 6).
+      # The paper is silent on when; its teachers start from an ImageNet backbone and a random
+      # head, so they first learn from the labeled images for 10% of the stage (docs/fidelity.md).
+      rectify_start_step=9_000,
+      prototypes_from_labeled=True,  # eq. 11 also averages the labeled images' teacher features
   ))
   # Inference for eval, predict and stored soft labels: "whole" images (at eval.resize, None =
   # as stored) or "sliding" windows (eval.window, None = the crop; stride a fraction of it).

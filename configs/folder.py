@@ -4,7 +4,8 @@ electron microscopy (the ISBI 2012 layout: `isbi` preset):
   python -m rml_jax.main --config=configs/folder.py:isbi,data.root=/data/isbi2012 \
       --workdir=runs/isbi
 
-(add the `tiny` preset for a seconds-long smoke run).
+(add the `tiny` preset for a seconds-long smoke run). The `stanford` preset reads the Stanford
+Background layout (images/, labels/, splits/train.txt and splits/val.txt; 8 classes).
 
 Every data field, for your own folder (set them with --config.data.<field>=... or in a copy of
 this file):
@@ -17,6 +18,9 @@ this file):
   val_images_dir, val_labels_dir
                   a separate labeled val set ("" = none: val_holdout labeled images are held out)
   val_holdout     how many labeled images become the val set when there is no val folder
+  val_list, train_list
+                  or: a text file of image ids (stems) of images_dir that form the val set, and
+                  optionally one of the ids that train ("" = all the others)
   class_names     one name per class; the number of classes is their count
   label_map       ((raw value, class id), ...); () = the raw values are the class ids
   ignore_value    the raw value that means "not labeled" (-1 = none); any value that is neither
@@ -46,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   config.eval_batch_size = 4
   config.eval.update(dict(protocol="sliding", window=None, stride=2 / 3))
-  return apply_overrides(config, arg, presets={"tiny": _tiny, "isbi": _isbi})
+  return apply_overrides(config, arg, presets={"tiny": _tiny, "isbi": _isbi,
+                                               "stanford": _stanford})
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
@@ -64,3 +69,20 @@ def _isbi(config: ml_collections.ConfigDict) -> None:
   config.data.label_map = ((0, 0), (255, 1))
   config.data.ignore_value = -1
   config.data.val_holdout = 6
+
+
+def _stanford(config: ml_collections.ConfigDict) -> None:
+  """Stanford Background (Gould et al., ICCV 2009): 8 classes, label 15 = unknown; 1/8 of
+  splits/train.txt labeled, the rest unlabeled, splits/val.txt the val set. Images (mostly
+  320x240) are trained and evaluated at half size, 160x120, to fit the CPU."""
+  config.data.update(dict(
+      images_dir="images", labels_dir="labels", unlabeled_dir="",
+      class_names=("sky", "tree", "road", "grass", "water", "building", "mountain",
+                   "foreground"),
+      label_map=(), ignore_value=15,
+      train_list="splits/train.txt", val_list="splits/val.txt", labeled_fraction=1 / 8,
+      resize=(120, 160), crop_size=(96, 96), scale_range=(0.75, 1.25),
+      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))  # ImageNet statistics
+  config.augment.strong_views = "per_student"
+  config.eval.update(dict(protocol="whole", resize=(120, 160)))
+  config.eval_batch_size = 16

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.labeled_batch_size = 10  # paper: batch size 10
   config.unlabeled_batch_size = 10
   config.total_steps = 60_000  # paper: 60k iterations per stage
+  config.rml.rectify_start_step = 6_000  # 10% of the stage, as city.py (docs/fidelity.md)
   config.eval_batch_size = 8
   # VOC images differ in size (at most 500x500): padded to one shape, ignore in the padding, and
   # evaluated with sliding 321x321 windows (stride 2/3).

@@ -53,8 +53,9 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
   batch = {"labeled": {"image": image(bl), "label": rng.integers(0, 2, (bl, h, w)).astype(
       np.int32)}}
   if MODES[config.rml.mode].unlabeled:
-    batch["unlabeled"] = {"weak": image(bu), "strong": image(bu), "valid": np.ones((bu, h, w),
-                                                                                   bool),
+    views = input_pipeline.num_strong_views(config)
+    strong = rng.integers(0, 256, (bu, views, h, w, 3), dtype=np.uint8)
+    batch["unlabeled"] = {"weak": image(bu), "strong": strong, "valid": np.ones((bu, h, w), bool),
                           "label": np.full((bu, h, w), IGNORE_LABEL, np.int32)}
   return batch
 
@@ -118,10 +119,11 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
 
   @jax.jit
   def targets(state, unlabeled):
-    _, strong, pseudo = step.unlabeled_targets(state, unlabeled, rng, now, cfg, {})
-    inputs = ((labeled, strong) if cfg.bn_stats == "labeled"
-              else jnp.concatenate([labeled, strong], axis=0))
-    return inputs, tuple(pseudo[source] for source in mode.routes[0])
+    _, views, student_targets = step.unlabeled_targets(state, unlabeled, rng, now, cfg, {},
+                                                       labeled)
+    inputs = ((labeled, views[0]) if cfg.bn_stats == "labeled"
+              else jnp.concatenate([labeled, views[0]], axis=0))
+    return inputs, student_targets[0]  # student a's
 
   if mode.unlabeled:
     pieces["pseudo_labels"] = _timed(targets, train_state, batch["unlabeled"], repeats=repeats)

@@ -2,7 +2,9 @@
 
 Train batches are a dict
   {'labeled':   {'image': [Bl, h, w, 3] uint8, 'label': [Bl, h, w] int32 (255 = ignore)},
-   'unlabeled': {'weak': [Bu, h, w, 3] uint8, 'strong': [Bu, h, w, 3] uint8,
+   'unlabeled': {'weak': [Bu, h, w, 3] uint8, 'strong': [Bu, V, h, w, 3] uint8 (V = 2 strong
+                 views, one per student, with config.augment.strong_views='per_student'; V = 1
+                 shared by both with 'shared'),
                  'valid': [Bu, h, w] bool (False on padding), 'label': [Bu, h, w] int32
                  (hidden ground truth, only for pseudo-label accuracy; 255 where unknown),
                  in later stages also 'soft_classes', 'soft_probs': [Bu, h, w, 2k] uint8
@@ -63,9 +65,10 @@ def labeled_example(example: dict[str, Any], rng: np.random.Generator, *,
 
 
 def unlabeled_example(example: dict[str, Any], rng: np.random.Generator, *, crop_size,
-                      scale_range, flip, num_ops, magnitude_range, ops, resize=None
-                      ) -> dict[str, np.ndarray]:
-  """A weak/strong pair with one geometry: the strong view is RandAugment of the weak one."""
+                      scale_range, flip, num_ops, magnitude_range, ops, resize=None,
+                      num_strong: int = 1) -> dict[str, np.ndarray]:
+  """A weak view and `num_strong` strong views with one geometry: each strong view is an
+  independent RandAugment draw on the weak one. 'strong': [num_strong, h, w, 3] uint8."""
   image = np.asarray(example["image"])
   maps = {"valid": np.ones(image.shape[:2], np.uint8)}
   maps["label"] = (_label_map(example) if "label" in example
@@ -79,7 +82,8 @@ def unlabeled_example(example: dict[str, Any], rng: np.random.Generator, *, crop
     pad_values.update(soft_classes=0, soft_probs=0)
   weak, maps = augment.weak_geometry(rng, image, maps, tuple(crop_size), tuple(scale_range),
                                      flip, pad_values)
-  strong = augment.rand_augment(rng, weak, num_ops, tuple(magnitude_range), tuple(ops))
+  strong = np.stack([augment.rand_augment(rng, weak, num_ops, tuple(magnitude_range), tuple(ops))
+                     for _ in range(num_strong)])
   out = {"weak": weak, "strong": strong, "valid": maps["valid"].astype(bool),
          "label": maps["label"].astype(np.int32)}
   if "soft_classes" in maps:
@@ -127,7 +131,7 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
                      unlabeled_example, crop_size=data.crop_size, scale_range=data.scale_range,
                      flip=data.flip, num_ops=strong.num_ops,
                      magnitude_range=strong.magnitude_range, ops=tuple(strong.ops),
-                     resize=_size(data.resize)),
+                     resize=_size(data.resize), num_strong=num_strong_views(config)),
                      seed=config.seed + 1)
                  .batch(_per_process(config.unlabeled_batch_size, "unlabeled_batch_size"),
                         drop_remainder=True))
@@ -136,6 +140,11 @@ def train_dataset(config: ml_collections.ConfigDict, source, labeled_idx: np.nda
   names = sorted(streams)
   zipped = grain.experimental.ZipMapDataset([streams[n][:length] for n in names])
   return zipped.map(functools.partial(_as_dict, names=tuple(names))).to_iter_dataset()
+
+
+def num_strong_views(config: ml_collections.ConfigDict) -> int:
+  """Strong views per unlabeled image: 2 (one per student) or 1 (shared)."""
+  return 2 if config.augment.strong_views == "per_student" else 1
 
 
 def _as_dict(batches: tuple, names: tuple[str, ...]) -> dict[str, Any]:
@@ -181,7 +190,8 @@ def train_iterator(config: ml_collections.ConfigDict, source, labeled_idx: np.nd
 
 def eval_batches(config: ml_collections.ConfigDict, source, indices: np.ndarray | None = None,
                  resize=None, pad_to=None) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed-size eval batches {'image' [B, H, W, 3] uint8, 'label' [B, H, W] int32}.
+  """Fixed-size eval batches {'image' [B, H, W, 3] uint8, 'label' [B, H, W] int32,
+  'valid' [B, H, W] bool (False on padding)}.
 
   resize (h, w): images (bilinear) and labels (nearest) are resized first. pad_to (h, w): each
   image is padded at the bottom and right to this size (labels with ignore), so images of
@@ -199,7 +209,9 @@ def eval_batches(config: ml_collections.ConfigDict, source, indices: np.ndarray 
       batch = {"image": np.concatenate([batch["image"], np.zeros(
                    (missing,) + batch["image"].shape[1:], batch["image"].dtype)]),
                "label": np.concatenate([batch["label"], np.full(
-                   (missing,) + batch["label"].shape[1:], IGNORE_LABEL, np.int32)])}
+                   (missing,) + batch["label"].shape[1:], IGNORE_LABEL, np.int32)]),
+               "valid": np.concatenate([batch["valid"], np.zeros(
+                   (missing,) + batch["valid"].shape[1:], bool)])}
     yield batch
 
 
@@ -216,6 +228,7 @@ def _eval_example(example: dict[str, Any], resize=None, pad_to=None) -> dict[str
   image, maps = resize_example(np.asarray(example["image"]), {"label": _label_map(example)},
                                resize)
   label = maps["label"].astype(np.int32)
+  valid = np.ones(label.shape, bool)
   if pad_to:
     height, width = image.shape[:2]
     if height > pad_to[0] or width > pad_to[1]:
@@ -224,7 +237,8 @@ def _eval_example(example: dict[str, Any], resize=None, pad_to=None) -> dict[str
     pad = ((0, pad_to[0] - height), (0, pad_to[1] - width))
     image = np.pad(image, pad + ((0, 0),))
     label = np.pad(label, pad, constant_values=IGNORE_LABEL)
-  return {"image": image, "label": label}
+    valid = np.pad(valid, pad)
+  return {"image": image, "label": label, "valid": valid}
 
 
 def _stack_same_size(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

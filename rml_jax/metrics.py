@@ -77,6 +77,42 @@ def pseudo_label_accuracy(pseudo_labels: jax.Array, labels: jax.Array, mask: jax
   return correct.astype(jnp.float32), jnp.sum(counted).astype(jnp.float32)
 
 
+def pseudo_label_class_counts(pseudo_labels: jax.Array, confident: jax.Array, labels: jax.Array,
+                              in_image: jax.Array, num_classes: int,
+                              ignore_index: int = IGNORE_LABEL) -> dict[str, jax.Array]:
+  """Per-class sums behind the pseudo-label diagnostics (sum them over steps, then divide).
+
+  pseudo_labels, labels (hidden ground truth, ignore_index where unknown): [N, H, W] int;
+  confident, in_image: [N, H, W] bool. Returns [K] float32 arrays:
+    'confident': confident pixels labelled k (their share is the class's share);
+    'known': those of them with a known ground truth; 'correct': those whose truth is k;
+    'truth': in-image pixels whose truth is k.
+  precision_k = correct / known, recall_k = correct / truth.
+  """
+  known = labels != ignore_index
+
+  def per_class(mask: jax.Array, values: jax.Array) -> jax.Array:
+    # one_hot(-1) is all zeros: masked pixels count nowhere; XLA fuses this into one reduction.
+    return jax.nn.one_hot(jnp.where(mask, values, -1), num_classes,
+                          dtype=jnp.float32).sum(axis=(0, 1, 2))
+
+  return {"confident": per_class(confident, pseudo_labels),
+          "known": per_class(confident & known, pseudo_labels),
+          "correct": per_class(confident & known & (pseudo_labels == labels), pseudo_labels),
+          "truth": per_class(in_image & known, labels)}
+
+
+def pseudo_label_class_report(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """pseudo_label_class_counts summed over steps -> {'share', 'precision', 'recall'} [K]
+  (NaN where a class has no pixel to divide by)."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    total = sums["confident"].sum()
+    return {"share": sums["confident"] / total if total else np.full_like(sums["confident"],
+                                                                           np.nan),
+            "precision": np.where(sums["known"] > 0, sums["correct"] / sums["known"], np.nan),
+            "recall": np.where(sums["truth"] > 0, sums["correct"] / sums["truth"], np.nan)}
+
+
 def summarize(matrices: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, Any]:
   """{model: {'miou': float, 'iou': {class: float or None}}} from summed confusion matrices."""
   results = {}

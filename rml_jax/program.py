@@ -105,6 +105,19 @@ class Program:
     return jax.jit(reset_optimizer, out_shardings=self.state_shardings,
                    donate_argnums=0)(train_state)
 
+  @functools.cached_property
+  def prototype_sums_fn(self) -> Callable:
+    """step.prototype_sums_step jitted: (state, {'image', 'valid'}) -> replicated sums."""
+    return jax.jit(functools.partial(step.prototype_sums_step, cfg=self.step_config),
+                   in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
+                   out_shardings=sharding.replicated(self.mesh))
+
+  def with_exact_prototypes(self, train_state: RMLState, sums: np.ndarray,
+                            counts: np.ndarray) -> RMLState:
+    """The state with eq. 10 prototypes from dataset-wide sums [2, K, C] and counts [2, K]."""
+    return jax.jit(step.with_exact_prototypes, out_shardings=self.state_shardings,
+                   donate_argnums=0)(train_state, sums, counts)
+
   def predict(self, train_state: RMLState, images: np.ndarray) -> dict[str, np.ndarray]:
     """Host uint8 images [B, H, W, 3] -> {model name: host probs [B, H, W, K]}."""
     return jax.device_get(self.predict_fn(train_state, sharding.to_global(images, self.mesh)))

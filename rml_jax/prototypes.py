@@ -15,22 +15,37 @@ import jax
 import jax.numpy as jnp
 
 
-def class_means(features: jax.Array, labels: jax.Array, num_classes: int
-                ) -> tuple[jax.Array, jax.Array]:
-  """Per-class feature means of one batch.
+def class_sums(features: jax.Array, labels: jax.Array, num_classes: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """Per-class feature sums of one batch: the terms of eq. 10's numerator and denominator.
 
   Args:
     features: [N, H, W, C] float.
     labels: [N, H, W] int; values outside [0, num_classes) are ignored.
     num_classes: K.
   Returns:
-    (means [K, C] float32, zero where a class has no pixel; counts [K] float32 pixel counts).
+    (sums [K, C] float32, counts [K] float32 pixel counts).
   """
   flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
   onehot = jax.nn.one_hot(labels.reshape(-1), num_classes, dtype=jnp.float32)  # out of range -> 0
-  counts = onehot.sum(axis=0)
-  sums = onehot.T @ flat
+  return onehot.T @ flat, onehot.sum(axis=0)
+
+
+def class_means(features: jax.Array, labels: jax.Array, num_classes: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """Per-class feature means of one batch (class_sums divided by the counts).
+
+  Returns (means [K, C] float32, zero where a class has no pixel; counts [K] float32).
+  """
+  sums, counts = class_sums(features, labels, num_classes)
   return sums / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+def exact_prototypes(sums: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 10 from class_sums accumulated over a whole dataset: (prototypes [K, C] float32, the
+  mean feature of the pixels assigned to class k, zero for a class with none; seen [K] bool,
+  whether class k had a pixel)."""
+  return sums / jnp.maximum(counts, 1.0)[:, None], counts > 0
 
 
 def update_prototypes(prototypes: jax.Array, features: jax.Array, labels: jax.Array,

@@ -1,9 +1,10 @@
 """train_step / eval_step / predict_step: pure functions of (state, batch), jitted once each.
 
 One train step (docs/design.md): the pseudo-label sources of the mode label the weak unlabeled
-view -> thresholded (optionally self-rectified) pseudo labels -> CutMix on the strong view (labels
-and masks mixed with the same box) -> each student on the labeled images and the strong view ->
-optimizer updates and EMA teachers, all in one jitted function.
+view -> thresholded (optionally self-rectified) pseudo labels -> CutMix on each student's strong
+view (its own box; the labels and masks it learns from mixed with the same box) -> each student
+on the labeled images and its strong view -> optimizer updates and EMA teachers, all in one
+jitted function.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class StepConfig:
   unsup_rampup_steps: int
   ema_decay: float
   bn_stats: str
+  per_student_views: bool  # each student its own strong view and CutMix box (else shared)
   cutmix_prob: float
   cutmix_area: tuple[float, float]
   mean: tuple[float, float, float]
@@ -73,6 +75,7 @@ class StepConfig:
   prototype_momentum: float
   prototype_temperature: float
   rectify_start_step: int
+  prototypes_from_labeled: bool  # eq. 11 also averages the labeled images' teacher features
   stage_steps: int  # steps per stage (schedules restart each stage); 0 = a single stage
   stored_labels: bool  # a later stage: p^0 is the previous stage's stored soft label
   soft_label_top_k: int
@@ -86,12 +89,14 @@ class StepConfig:
                unsup_weight=rml.unsup_weight,
                unsup_rampup_steps=rml.unsup_rampup_steps, ema_decay=rml.ema_decay,
                bn_stats=rml.bn_stats,
+               per_student_views=config.augment.strong_views == "per_student",
                cutmix_prob=config.augment.cutmix_prob,
                cutmix_area=tuple(config.augment.cutmix_area),
                mean=tuple(config.data.mean), std=tuple(config.data.std),
                prototype_momentum=rml.prototype_momentum,
                prototype_temperature=rml.prototype_temperature,
                rectify_start_step=rml.rectify_start_step,
+               prototypes_from_labeled=rml.prototypes_from_labeled,
                stage_steps=config.total_steps if rml.stages > 1 else 0,
                stored_labels=False,
                soft_label_top_k=rml.soft_label_top_k,
@@ -142,39 +147,57 @@ def unsup_weight_at(step: jax.Array, weight: float, rampup_steps: int) -> jax.Ar
   return weight * jnp.exp(-5.0 * (1.0 - progress) ** 2)
 
 
-def self_rectify(learner: Learner, probs: jax.Array, features: jax.Array, in_image: jax.Array,
-                 step: jax.Array, cfg: StepConfig
-                 ) -> tuple[Learner, PseudoLabels, jax.Array]:
-  """Section 4.2 for one teacher: prototype update (eq. 11), class confidence (eq. 9), eq. 6.
+def teacher_assignment(probs: jax.Array, in_image: jax.Array, height: int, width: int
+                       ) -> jax.Array:
+  """Eq. 10's class assignment at the feature resolution: probs [N, H, W, K] of the current
+  teacher, in_image [N, H, W] bool -> labels [N, height, width] int32, the argmax of the
+  area-averaged probabilities (as ProDA), -1 where a cell is mostly outside the image."""
+  small_probs = prototypes_lib.resize_to(probs, height, width)
+  small_in_image = prototypes_lib.resize_to(in_image[..., None].astype(jnp.float32), height,
+                                            width)
+  return jnp.where(small_in_image[..., 0] > 0.5, jnp.argmax(small_probs, -1), -1
+                   ).astype(jnp.int32)
+
+
+def online_prototypes(learner: Learner, features: jax.Array, labels: jax.Array,
+                      step: jax.Array, cfg: StepConfig) -> Learner:
+  """Eq. 11 for one teacher from step cfg.rectify_start_step on (the train loop computes the
+  exact eq. 10 prototypes at that step; before it the prototypes are not used).
+
+  features: [N, h, w, C] the teacher's features; labels: [N, h, w] int32 its argmax
+  (teacher_assignment; -1 = none). A class without a prototype yet starts at its batch mean.
+  """
+  seen = learner.prototypes_seen
+  moved = prototypes_lib.update_prototypes(learner.prototypes, features, labels,
+                                           cfg.prototype_momentum, seen=seen)
+  moved_seen = seen | prototypes_lib.classes_present(labels, cfg.num_classes)
+  started = step >= cfg.rectify_start_step
+  return learner.replace(prototypes=jnp.where(started, moved, learner.prototypes),
+                         prototypes_seen=jnp.where(started, moved_seen, seen))
+
+
+def self_rectify(learner: Learner, probs: jax.Array, features: jax.Array, step: jax.Array,
+                 cfg: StepConfig) -> tuple[PseudoLabels, jax.Array]:
+  """Section 4.2 for one teacher: class confidence (eq. 9) and the rectified labels (eq. 6).
 
   Args:
     learner: holds the teacher's prototypes [K, C] and prototypes_seen [K].
-    probs: [N, H, W, K] the teacher's soft labels p^0; features: [N, h, w, C] its features.
-    in_image: [N, H, W] bool, False on crop padding (left out of the prototype means).
+    probs: [N, H, W, K] the soft labels p^0; features: [N, h, w, C] the teacher's features.
     step: scalar int; rectification is applied from cfg.rectify_start_step on, once every class
       has a prototype (before that the labels are p^0's argmax).
   Returns:
-    (learner with new prototypes, pseudo labels whose `valid` thresholds the rectified
-     confidence (not yet masked to the image), applied: scalar bool).
+    (pseudo labels whose `valid` thresholds the rectified confidence (not yet masked to the
+     image), applied: scalar bool).
   """
   _, height, width, _ = probs.shape
-  _, h, w, _ = features.shape
-  # Teacher argmax at the feature resolution (probabilities area-averaged down, as ProDA does).
-  small_probs = prototypes_lib.resize_to(probs, h, w)
-  small_in_image = prototypes_lib.resize_to(in_image[..., None].astype(jnp.float32), h, w)
-  small_labels = jnp.where(small_in_image[..., 0] > 0.5, jnp.argmax(small_probs, -1), -1)
-  seen = learner.prototypes_seen
-  prototypes = prototypes_lib.update_prototypes(learner.prototypes, features, small_labels,
-                                                cfg.prototype_momentum, seen=seen)
-  seen = seen | prototypes_lib.classes_present(small_labels, cfg.num_classes)
-  confidence = prototypes_lib.class_confidence(features, prototypes, cfg.prototype_temperature)
+  confidence = prototypes_lib.class_confidence(features, learner.prototypes,
+                                               cfg.prototype_temperature)
   confidence = prototypes_lib.resize_to(confidence, height, width)  # K channels only
   rectified, rectified_confidence = prototypes_lib.rectify(probs, confidence)
-  applied = jnp.all(seen) & (step >= cfg.rectify_start_step)
+  applied = jnp.all(learner.prototypes_seen) & (step >= cfg.rectify_start_step)
   labels = jnp.where(applied, rectified, jnp.argmax(probs, -1).astype(jnp.int32))
   label_confidence = jnp.where(applied, rectified_confidence, jnp.max(probs, -1))
-  return (learner.replace(prototypes=prototypes, prototypes_seen=seen),
-          PseudoLabels(labels, label_confidence >= cfg.threshold), applied)
+  return PseudoLabels(labels, label_confidence >= cfg.threshold), applied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,10 +205,12 @@ def self_rectify(learner: Learner, probs: jax.Array, features: jax.Array, in_ima
 # ---------------------------------------------------------------------------------------------
 
 
-def _pseudo_label_metrics(name: str, pseudo: PseudoLabels, gt: jax.Array, in_image: jax.Array
-                          ) -> dict[str, jax.Array]:
-  """Sums for pseudo-label accuracy (all in-image pixels and confident ones) and the ratio."""
-  out = {}
+def _pseudo_label_metrics(name: str, pseudo: PseudoLabels, gt: jax.Array, in_image: jax.Array,
+                          num_classes: int) -> dict[str, jax.Array]:
+  """Sums for pseudo-label accuracy (all in-image pixels and confident ones), the confident
+  ratio, and per-class sums `plk_<sum>_<name>` [K] (metrics.pseudo_label_class_counts)."""
+  out = {f"plk_{k}_{name}": v for k, v in metrics_lib.pseudo_label_class_counts(
+      pseudo.labels, pseudo.valid, gt, in_image, num_classes).items()}
   out[f"pl_correct_{name}"], out[f"pl_counted_{name}"] = metrics_lib.pseudo_label_accuracy(
       pseudo.labels, gt, in_image)
   out[f"plc_correct_{name}"], out[f"plc_counted_{name}"] = metrics_lib.pseudo_label_accuracy(
@@ -195,7 +220,7 @@ def _pseudo_label_metrics(name: str, pseudo: PseudoLabels, gt: jax.Array, in_ima
 
 
 def source_outputs(state: RMLState, weak: jax.Array, mode: Mode) -> tuple[dict, dict]:
-  """The mode's two pseudo-label sources in eval mode on the normalised weak view [N, H, W, 3]:
+  """The mode's two pseudo-label sources in eval mode on normalised images [N, H, W, 3]:
   ({'logits', 'features'} of learner a's, of learner b's)."""
   pick = (lambda learner: learner.teacher) if mode.source == "teacher" else (
       lambda learner: learner.student)
@@ -203,26 +228,41 @@ def source_outputs(state: RMLState, weak: jax.Array, mode: Mode) -> tuple[dict, 
           inference.apply_eval(state.model_b, pick(state.learner_b), weak))
 
 
-def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax.Array,
-                      step: jax.Array, cfg: StepConfig, metrics: dict[str, jax.Array]
-                      ) -> tuple[tuple[Learner, Learner], jax.Array, tuple[PseudoLabels, ...]]:
-  """Both sources' pseudo labels on the unlabeled batch, CutMix applied to them and the strong
-  view. Adds the pseudo-label metrics to `metrics`.
+def _split_batch(output: dict[str, jax.Array], first: int) -> tuple[dict, dict]:
+  """A source's outputs on concat(labeled, unlabeled) -> (labeled part, unlabeled part)."""
+  return ({k: v[:first] for k, v in output.items()}, {k: v[first:] for k, v in output.items()})
 
-  Returns ((learner a, learner b) with updated prototypes, the mixed normalised strong view
-  [N, H, W, 3], (source a's, source b's) mixed PseudoLabels).
+
+def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax.Array,
+                      step: jax.Array, cfg: StepConfig, metrics: dict[str, jax.Array],
+                      labeled_weak: jax.Array | None = None
+                      ) -> tuple[tuple[Learner, Learner], tuple[jax.Array, jax.Array],
+                                 tuple[tuple[PseudoLabels, ...], ...]]:
+  """Both sources' pseudo labels on the unlabeled batch, and CutMix applied to each student's
+  strong view and to the labels it learns from. Adds the pseudo-label metrics to `metrics`.
+
+  labeled_weak: the normalised labeled images [Nl, H, W, 3]; with cfg.prototypes_from_labeled
+  their teacher features join the prototype update (eq. 10 runs over D_l and D_u).
+  Returns ((learner a, learner b) with updated prototypes, per student its mixed normalised
+  strong view [N, H, W, 3], per student the mixed PseudoLabels of its mode.routes).
   """
   mode = MODES[cfg.mode]
   learners = (state.learner_a, state.learner_b)
   weak = inference.normalize(unlabeled["weak"], cfg.mean, cfg.std)
-  strong = inference.normalize(unlabeled["strong"], cfg.mean, cfg.std)
+  strong = inference.normalize(unlabeled["strong"], cfg.mean, cfg.std)  # [N, V, H, W, 3]
   in_image, gt = unlabeled["valid"], unlabeled["label"]
-  outputs = source_outputs(state, weak, mode)
+  with_labeled = mode.rectify and cfg.prototypes_from_labeled and labeled_weak is not None
+  num_labeled = labeled_weak.shape[0] if with_labeled else 0
+  outputs = source_outputs(state, jnp.concatenate([labeled_weak, weak]) if with_labeled
+                           else weak, mode)
+  if with_labeled:
+    labeled_outputs, outputs = zip(*(_split_batch(o, num_labeled) for o in outputs))
   (probs_a, pseudo_a), (probs_b, pseudo_b) = (pseudo_labels(o["logits"], cfg.threshold)
                                               for o in outputs)
   metrics["teacher_tv"] = metrics_lib.total_variation(probs_a, probs_b)  # coupling (Fig. 2)
   metrics["teacher_disagreement"] = jnp.sum(
       (pseudo_a.labels != pseudo_b.labels) & in_image) / jnp.maximum(jnp.sum(in_image), 1)
+  teacher_probs = (probs_a, probs_b)
   probs = [probs_a, probs_b]
   pseudo = [pseudo_a, pseudo_b]
   if cfg.stored_labels:  # p^0 = the previous stage's teachers' soft labels, stored offline
@@ -235,21 +275,42 @@ def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax
   if mode.rectify:
     for name, p in zip(("raw_a", "raw_b"), pseudo):
       metrics.update(_pseudo_label_metrics(name, p.replace(valid=p.valid & in_image), gt,
-                                           in_image))
-    rectified = [self_rectify(learner, probs[i], outputs[i]["features"], in_image, step, cfg)
+                                           in_image, cfg.num_classes))
+    updated = []
+    for i, learner in enumerate(learners):
+      features = outputs[i]["features"]
+      _, h, w, _ = features.shape
+      labels = teacher_assignment(teacher_probs[i], in_image, h, w)  # eq. 10: current teacher
+      if with_labeled:
+        labeled_probs = jax.nn.softmax(labeled_outputs[i]["logits"], axis=-1)
+        everywhere = jnp.ones(labeled_probs.shape[:3], bool)
+        features = jnp.concatenate([labeled_outputs[i]["features"], features])
+        labels = jnp.concatenate([teacher_assignment(labeled_probs, everywhere, h, w), labels])
+      updated.append(online_prototypes(learner, features, labels, step, cfg))
+    learners = tuple(updated)
+    rectified = [self_rectify(learner, probs[i], outputs[i]["features"], step, cfg)
                  for i, learner in enumerate(learners)]
-    learners = tuple(r[0] for r in rectified)
-    pseudo = [r[1] for r in rectified]
-    metrics["rectified"] = rectified[0][2].astype(jnp.float32)
+    pseudo = [r[0] for r in rectified]
+    metrics["rectified"] = rectified[0][1].astype(jnp.float32)
   pseudo = [p.replace(valid=p.valid & in_image) for p in pseudo]
   for name, p in zip(("a", "b"), pseudo):
-    metrics.update(_pseudo_label_metrics(name, p, gt, in_image))
-  # CutMix on device: one box per sample, applied to image, labels and masks alike.
+    metrics.update(_pseudo_label_metrics(name, p, gt, in_image, cfg.num_classes))
+  # CutMix on device, one box per sample: a student's strong view and the labels and masks it
+  # learns from are mixed with the same box; with per-student views each student has its own.
   n, h, w = pseudo[0].labels.shape
-  box = augment.cutmix_box_masks(rng, n, h, w, cfg.cutmix_prob, cfg.cutmix_area)
-  strong, labels_a, valid_a, labels_b, valid_b = augment.cutmix(
-      box, strong, pseudo[0].labels, pseudo[0].valid, pseudo[1].labels, pseudo[1].valid)
-  return learners, strong, (PseudoLabels(labels_a, valid_a), PseudoLabels(labels_b, valid_b))
+  arrays = [a for p in pseudo for a in (p.labels, p.valid)]
+  mixed_views = []
+  for view in range(strong.shape[1]):
+    view_rng = jax.random.fold_in(rng, view) if cfg.per_student_views else rng
+    box = augment.cutmix_box_masks(view_rng, n, h, w, cfg.cutmix_prob, cfg.cutmix_area)
+    image, labels_a, valid_a, labels_b, valid_b = augment.cutmix(box, strong[:, view], *arrays)
+    mixed_views.append((image, (PseudoLabels(labels_a, valid_a), PseudoLabels(labels_b, valid_b))))
+  views, targets = [], []
+  for student, route in enumerate(mode.routes):
+    image, mixed = mixed_views[student if cfg.per_student_views else 0]
+    views.append(image)
+    targets.append(tuple(mixed[source] for source in route))
+  return learners, tuple(views), tuple(targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,26 +424,26 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
   learners = (state.learner_a, state.learner_b)
   metrics: dict[str, jax.Array] = {}
   targets: tuple[tuple[PseudoLabels, ...], ...] = ((), ())
-  inputs = labeled_images
+  inputs = (labeled_images, labeled_images)
   if mode.unlabeled:
-    learners, strong, pseudo = unlabeled_targets(state, batch["unlabeled"], cutmix_rng,
-                                                 local_step, cfg, metrics)
-    inputs = ((labeled_images, strong) if cfg.bn_stats == "labeled"
-              else jnp.concatenate([labeled_images, strong], axis=0))
-    targets = tuple(tuple(pseudo[source] for source in route) for route in mode.routes)
+    learners, views, targets = unlabeled_targets(state, batch["unlabeled"], cutmix_rng,
+                                                 local_step, cfg, metrics, labeled_images)
+    inputs = tuple((labeled_images, view) if cfg.bn_stats == "labeled"
+                   else jnp.concatenate([labeled_images, view], axis=0) for view in views)
   unsup_weight = unsup_weight_at(local_step, cfg.unsup_weight, cfg.unsup_rampup_steps)
   decay = ema_decay_at(local_step, cfg.ema_decay)
   updated = []
-  for name, learner, previous, model, key, target in zip(
+  for name, learner, previous, model, key, student_inputs, target in zip(
       ("a", "b"), learners, (state.learner_a, state.learner_b), (state.model_a, state.model_b),
-      (rng_a, rng_b), targets):
+      (rng_a, rng_b), inputs, targets):
     loss, batch_stats, aux, grads = student_gradients(
-        learner, model, inputs, key, student_loss_fn(labels, target, unsup_weight))
+        learner, model, student_inputs, key, student_loss_fn(labels, target, unsup_weight))
     learner, update_metrics = apply_update(learner, state.tx, loss, batch_stats, grads, decay,
                                            previous)
     metrics.update({f"{k}_{name}": v for k, v in {**aux, **update_metrics}.items()})
     updated.append(learner)
   new_state = state.replace(step=state.step + 1, learner_a=updated[0], learner_b=updated[1])
+  # Scalars, and [K] per-class sums (keys plk_*).
   return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
 
@@ -399,6 +460,36 @@ def eval_step(state: RMLState, batch: dict[str, jax.Array], *, cfg: StepConfig
   return {name: metrics_lib.ConfusionMatrix(metrics_lib.confusion_matrix(
       batch["label"], jnp.argmax(p, -1), cfg.num_classes, IGNORE_LABEL))
       for name, p in probs.items()}
+
+
+def prototype_sums_step(state: RMLState, batch: dict[str, jax.Array], *, cfg: StepConfig
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Eq. 10's sums on one batch of train images, for both mean teachers.
+
+  batch: {'image' [N, H, W, 3] uint8, 'valid' [N, H, W] bool (False on padding)}. Each teacher
+  assigns its features to its own argmax (teacher_assignment). Returns (sums [2, K, C] float32,
+  counts [2, K] float32); add them over the dataset, then prototypes.exact_prototypes.
+  """
+  images = inference.normalize(batch["image"], cfg.mean, cfg.std)
+  sums, counts = [], []
+  for model, learner in ((state.model_a, state.learner_a), (state.model_b, state.learner_b)):
+    outputs = inference.apply_eval(model, learner.teacher, images)
+    _, h, w, _ = outputs["features"].shape
+    labels = teacher_assignment(jax.nn.softmax(outputs["logits"], axis=-1), batch["valid"], h, w)
+    s, c = prototypes_lib.class_sums(outputs["features"], labels, cfg.num_classes)
+    sums.append(s)
+    counts.append(c)
+  return jnp.stack(sums), jnp.stack(counts)
+
+
+def with_exact_prototypes(state: RMLState, sums: jax.Array, counts: jax.Array) -> RMLState:
+  """The state with both teachers' prototypes set by eq. 10 from dataset-wide sums
+  ([2, K, C], [2, K]: prototype_sums_step added over the train images)."""
+  learners = []
+  for i, learner in enumerate((state.learner_a, state.learner_b)):
+    prototypes, seen = prototypes_lib.exact_prototypes(sums[i], counts[i])
+    learners.append(learner.replace(prototypes=prototypes, prototypes_seen=seen))
+  return state.replace(learner_a=learners[0], learner_b=learners[1])
 
 
 def jit_steps(cfg: StepConfig, state_shardings, mesh):

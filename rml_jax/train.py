@@ -58,16 +58,29 @@ def stage_of(step: int, stage_steps: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def summarize_train_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def summarize_train_metrics(history: list[dict[str, np.ndarray]],
+                            class_names: tuple[str, ...] | None = None) -> dict[str, float]:
   """Means of per-step scalars; pseudo-label accuracies from summed counts.
 
   Count pairs `pl_correct_X` / `pl_counted_X` (all in-image pixels) and `plc_...` (confident
-  pixels only) become `pseudo_label_acc_X` and `confident_pseudo_label_acc_X`.
+  pixels only) become `pseudo_label_acc_X` and `confident_pseudo_label_acc_X`; the per-class
+  sums `plk_<sum>_X` [K] become `pseudo_labels/X/<class>/share|precision|recall`
+  (metrics.pseudo_label_class_report; classes without pixels to divide by are left out).
   """
   stacked = {k: np.stack([h[k] for h in history]) for k in history[0]}
   counters = [k for k in stacked if k.startswith(("pl_correct_", "pl_counted_", "plc_correct_",
-                                                   "plc_counted_"))]
+                                                   "plc_counted_", "plk_"))]
   out = {k: float(v.mean()) for k, v in stacked.items() if k not in counters}
+  for key in counters:
+    if key.startswith("plk_confident_"):
+      source = key[len("plk_confident_"):]
+      report = metrics_lib.pseudo_label_class_report(
+          {s: stacked[f"plk_{s}_{source}"].sum(0) for s in ("confident", "known", "correct",
+                                                             "truth")})
+      names = class_names or tuple(str(i) for i in range(len(report["share"])))
+      out.update({f"pseudo_labels/{source}/{names[c]}/{stat}": float(values[c])
+                  for stat, values in report.items() for c in range(len(values))
+                  if np.isfinite(values[c])})
   for prefix, name in (("pl", "pseudo_label_acc"), ("plc", "confident_pseudo_label_acc")):
     for key in counters:
       if key.startswith(f"{prefix}_counted_"):
@@ -154,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                len(unlabeled_idx), len(sources.val))
 
   with_unlabeled = MODES[config.rml.mode].unlabeled
+  rectify = MODES[config.rml.mode].rectify
   stage_steps = config.total_steps  # each stage runs total_steps (the paper: 90k x 2 stages)
   final_step = stage_steps * config.rml.stages
 
@@ -191,6 +205,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_fn = program.stage_train_fn(stage)
       for current in range(max(last_step, stage * stage_steps) + 1,
                            (stage + 1) * stage_steps + 1):
+        if rectify and current - 1 == stage * stage_steps + config.rml.rectify_start_step:
+          train_state = _exact_prototypes(program, run, sources,
+                                          np.concatenate([labeled_idx, unlabeled_idx]),
+                                          train_state, current - 1,
+                                          should_stop=lambda: stop.received is not None)
+          if stop.received is not None:  # the partial sums resume with the next run
+            stopped_by = stop.received
+            run.checkpointer.save(last_step, train_state, data_iter, program.meta, force=True)
+            break
+          interval.start = time.perf_counter()  # the pass is not train time
         fetch_start = time.perf_counter()
         batch = next(data_iter)
         interval.input_wait += time.perf_counter() - fetch_start
@@ -206,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             diverged = (f"training diverged: {skips_in_a_row} steps in a row had a non-finite "
                         f"loss or gradient (up to step {current})")
             break
-          _log_interval(config, writer, current, stage, history, wait)
+          _log_interval(config, writer, current, stage, history, wait, program.class_names)
         if todo.eval:
           with report_progress.timed("eval"):
             results = _evaluate_and_log(program, run, sources, train_state, current, writer,
@@ -255,15 +279,18 @@ def _resume_or_start(program: Program, run: Workdir, make_iterator: Callable[[in
 
 
 def _log_interval(config: ml_collections.ConfigDict, writer, step: int, stage: int,
-                  history: list[dict[str, np.ndarray]], input_wait: float) -> None:
-  """Writes and prints the interval's train scalars at global step `step`."""
-  scalars = summarize_train_metrics(history)
+                  history: list[dict[str, np.ndarray]], input_wait: float,
+                  class_names: tuple[str, ...]) -> None:
+  """Writes the interval's train scalars at global step `step`; prints all but the per-class
+  pseudo-label diagnostics."""
+  scalars = summarize_train_metrics(history, class_names)
   schedule = state.learning_rate_schedule(config)
   scalars.update(learning_rate=float(schedule((step - 1) % config.total_steps)),
                  stage=float(stage + 1), input_wait_fraction=input_wait)
   writer.write_scalars(step, scalars)
   logging.info("step %d/%d: %s", step, config.total_steps * config.rml.stages,
-               ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+               ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
+                         if not k.startswith("pseudo_labels/")))
 
 
 def _close(data_iter) -> None:
@@ -296,6 +323,46 @@ def _label_unlabeled(program: Program, run: Workdir, sources, unlabeled_idx: np.
           f"labelled by the stage-{stage} teachers ({directory}); students restart "
           f"({config.rml.stage_restart}).", flush=True)
   return complete
+
+
+def _exact_prototypes(program: Program, run: Workdir, sources, indices: np.ndarray, train_state,
+                      step: int, should_stop: Callable[[], bool]):
+  """Eq. 10 before step `step` + 1: both mean teachers' prototypes from every train image
+  (`indices`: labeled and unlabeled) at the resolution the train pipeline reads them.
+
+  Sums accumulate on device; every few batches they are stored in the workdir, so a stopped
+  pass resumes where it was. Returns the state with the exact prototypes, or `train_state`
+  unchanged when should_stop() turned true first.
+  """
+  config = program.config
+  resize = config.data.resize
+  pad_to = None if resize else config.eval.pad_to
+  stored = run.read_prototype_sums(step)
+  done, sums, counts = stored if stored is not None else (0, 0.0, 0.0)
+  if stored is not None and done < len(indices):
+    logging.info("Prototype pass at step %d resumes at image %d.", step, done)
+  start = time.perf_counter()
+  batch_size = config.eval_batch_size
+  for i, batch in enumerate(input_pipeline.eval_batches(config, sources.train, indices[done:],
+                                                        resize=resize, pad_to=pad_to)):
+    if should_stop():
+      run.write_prototype_sums(step, done, *jax.device_get((sums, counts)))
+      return train_state
+    batch_sums, batch_counts = program.prototype_sums_fn(
+        train_state, sharding.to_global({"image": batch["image"], "valid": batch["valid"]},
+                                        program.mesh))
+    sums, counts = sums + batch_sums, counts + batch_counts
+    done = min(done + batch_size, len(indices))
+    if (i + 1) % 50 == 0:
+      run.write_prototype_sums(step, done, *jax.device_get((sums, counts)))
+  sums, counts = jax.device_get((sums, counts))
+  run.write_prototype_sums(step, done, sums, counts)
+  counts = np.asarray(counts)
+  print(f"Prototypes (eq. 10) at step {step}: {len(indices)} train images through both mean "
+        f"teachers in {time.perf_counter() - start:.1f} s; classes without a pixel: "
+        f"teacher a {int((counts[0] == 0).sum())}, teacher b {int((counts[1] == 0).sum())}.",
+        flush=True)
+  return program.with_exact_prototypes(train_state, sums, counts)
 
 
 def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

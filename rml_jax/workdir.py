@@ -5,6 +5,7 @@
   <workdir>/checkpoints/<step>/     orbax: state, grain iterator, run description
   <workdir>/eval/step_<N>.json      per-class IoU and mIoU of the four models
   <workdir>/soft_labels/stage_<s>/  stage-wise training's stored soft labels (soft_labels.py)
+  <workdir>/prototypes/step_<t>.npz the eq. 10 pass before step t + 1: partial sums, resumable
   <workdir>/predictions/            --mode=predict's default output
   <workdir>/events.out.tfevents.*   clu / TensorBoard scalars and images
 Only process 0 writes the files besides checkpoints, which orbax coordinates.
@@ -13,6 +14,7 @@ Only process 0 writes the files besides checkpoints, which orbax coordinates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -66,6 +68,32 @@ class Workdir:
 
   def soft_labels_dir(self, stage: int) -> str:
     return os.path.join(self.path, "soft_labels", f"stage_{stage}")
+
+  def read_prototype_sums(self, step: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(images done, sums [2, K, C], counts [2, K]) of the eq. 10 pass at `step`, or None."""
+    path = self._prototype_sums_path(step)
+    if not os.path.isfile(path):
+      return None
+    try:
+      with np.load(path) as stored:
+        return int(stored["done"]), stored["sums"], stored["counts"]
+    except (OSError, ValueError, KeyError) as e:
+      logging.warning("%s is unreadable (%s); the prototype pass starts over.", path, e)
+      return None
+
+  def write_prototype_sums(self, step: int, done: int, sums: np.ndarray,
+                           counts: np.ndarray) -> None:
+    """Stores the eq. 10 pass's partial sums atomically (process 0 only)."""
+    if not self.is_writer:
+      return
+    path = self._prototype_sums_path(step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      np.savez(f, done=done, sums=sums, counts=counts)
+    os.replace(path + ".tmp", path)
+
+  def _prototype_sums_path(self, step: int) -> str:
+    return os.path.join(self.path, "prototypes", f"step_{step}.npz")
 
   @property
   def predictions_dir(self) -> str:

@@ -23,7 +23,8 @@ def _batch(seed, config):
   image = lambda n: rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)  # noqa: E731
   return {"labeled": {"image": image(bl), "label": rng.integers(0, NUM_CLASSES, (bl, h, w))
                       .astype(np.int32)},
-          "unlabeled": {"weak": image(bu), "strong": image(bu), "valid": np.ones((bu, h, w), bool),
+          "unlabeled": {"weak": image(bu), "strong": image(bu)[:, None],
+                        "valid": np.ones((bu, h, w), bool),
                         "label": rng.integers(0, NUM_CLASSES, (bu, h, w)).astype(np.int32)}}
 
 
@@ -67,7 +68,8 @@ def main():
       a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
       diffs.append((float(np.max(np.abs(a - b))) if a.size else 0.0, jax.tree_util.keystr(path)))
     state_diff, worst = max(diffs)
-    metric_diff = max(abs(float(h[k]) - float(r[k])) / max(abs(float(r[k])), 1.0)
+    metric_diff = max(float(np.max(np.abs(np.asarray(h[k]) - r[k]) / np.maximum(np.abs(r[k]),
+                                                                                   1.0)))
                       for h, r in zip(history, reference[1]) for k in r)
     report[f"{data}x{fsdp}"] = {"state_max_abs_diff": state_diff, "worst_leaf": worst,
                                 "metric_max_rel_diff": metric_diff, "sharded_leaves": sharded,

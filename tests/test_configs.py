@@ -118,6 +118,10 @@ def test_paper_configs_carry_the_settings_the_paper_states(module):
   assert config.rml.prototype_momentum == 0.9999 and config.rml.stages == 2
   assert config.rml.unsup_weight == 1.0  # eq. 5: the four terms with unit weights
   assert config.rml.mode == "rml"
+  assert config.augment.strong_views == "per_student"  # section 4.1: input noise per learner
+  assert config.rml.prototypes_from_labeled  # eq. 10 averages over D_l and D_u
+  # Prototypes start after 10% of each stage (the paper is silent; docs/fidelity.md).
+  assert config.rml.rectify_start_step == config.total_steps // 10
   if module is city:
     assert config.data.resize == (512, 1024) and config.data.crop_size == (256, 512)
     assert (config.labeled_batch_size, config.total_steps) == (4, 90_000)

@@ -98,7 +98,7 @@ def test_image_folder_maps_labels_keeps_sizes_and_appends_unlabeled(tmp_path):
   batch = next(input_pipeline.train_iterator(config, sources.train, labeled, unlabeled_idx, True))
   assert batch["labeled"]["image"].shape == (2, 128, 128, 3)
   assert set(np.unique(batch["labeled"]["label"])) <= {0, 1, 255}
-  assert batch["unlabeled"]["strong"].shape == (2, 128, 128, 3)
+  assert batch["unlabeled"]["strong"].shape == (2, 1, 128, 128, 3)
   # Eval batches of mixed sizes share one padded shape, padding ignored.
   eval_batch = next(input_pipeline.eval_batches(config, sources.train, labeled,
                                                 pad_to=(40, 48)))
@@ -118,6 +118,50 @@ def test_image_folder_val_holdout(tmp_path):
   assert (len(sources.train), sources.num_labeled, len(sources.val)) == (2, 1, 1)
   ids = sources.read_train_ids()
   assert ids[1] == "c" and ids[0] in ("a", "b") and sources.val[0]["image_id"] != ids[0]
+
+
+def _write_list(path, ids) -> None:
+  with open(path, "w") as f:
+    f.write("".join(f"{i}\n" for i in ids))
+
+
+def test_image_folder_val_list_and_train_list(tmp_path):
+  """The Stanford Background layout: list files pick the val images and the train images
+  among the labeled ones; the unlabeled folder still joins train after the labeled."""
+  root = tmp_path / "folder"
+  _folder_replica(str(root))
+  _write_list(root / "val.txt", ["b"])
+  config = _folder_config(str(root), str(tmp_path / "tfds"), "data.val_list=val.txt")
+  sources = datasets.data_sources(config.data)
+  assert (len(sources.train), sources.num_labeled, len(sources.val)) == (2, 1, 1)
+  assert sources.read_train_ids() == ["a", "c"]
+  assert sources.val[0]["image_id"] == "b"
+  _write_list(root / "train.txt", ["b"])  # overlaps val
+  config.data.train_list = "train.txt"
+  with pytest.raises(UserError, match=r"config.data.train_list: image id 'b' is also in "):
+    datasets.data_sources(config.data)
+  _write_list(root / "train.txt", ["a"])
+  _write_list(root / "val.txt", [])
+  with pytest.raises(UserError, match=r"config.data.val_list: .*val.txt lists no image ids"):
+    datasets.data_sources(config.data)
+
+
+@pytest.mark.parametrize("listed, message", [
+    (["b", "zz"], r"config.data.val_list: image id 'zz' \(1 of 2 listed\) is not among the "
+                  r"labeled images of config.data.images_dir"),
+    (None, r"config.data.val_list: cannot read .*missing.txt \(FileNotFoundError\)"),
+])
+def test_image_folder_bad_val_list_is_one_line(tmp_path, listed, message):
+  root = tmp_path / "folder"
+  _folder_replica(str(root))
+  name = "missing.txt"
+  if listed is not None:
+    name = "val.txt"
+    _write_list(root / name, listed)
+  config = _folder_config(str(root), str(tmp_path / "tfds"), f"data.val_list={name}")
+  with pytest.raises(UserError, match=message) as error:
+    datasets.data_sources(config.data)
+  assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -38,8 +38,8 @@ def test_batch_layout(data_dir, train_source):
   assert batch["labeled"]["image"].shape == (2, 64, 64, 3)
   assert batch["labeled"]["image"].dtype == np.uint8
   assert batch["labeled"]["label"].dtype == np.int32
-  for key in ("weak", "strong"):
-    assert batch["unlabeled"][key].shape == (2, 64, 64, 3)
+  assert batch["unlabeled"]["weak"].shape == (2, 64, 64, 3)
+  assert batch["unlabeled"]["strong"].shape == (2, 1, 64, 64, 3)  # digits: one shared view
   labels = batch["labeled"]["label"]
   assert set(np.unique(labels)) <= set(range(11)) | {255}
 
@@ -62,7 +62,7 @@ def test_strong_view_shares_the_weak_geometry(data_dir, train_source):
   config = tiny_config(data_dir, "augment.num_ops=1")
   config.augment.ops = ("invert",)
   batch = next(_iterator(config, train_source))["unlabeled"]
-  np.testing.assert_array_equal(batch["strong"], 255 - batch["weak"])
+  np.testing.assert_array_equal(batch["strong"][:, 0], 255 - batch["weak"])
   # Hidden ground truth follows the same geometry: padding is invalid and ignored.
   assert (batch["label"][~batch["valid"]] == 255).all()
 
@@ -107,3 +107,15 @@ def test_stored_soft_labels_follow_their_unlabeled_image(data_dir, train_source,
                                   expected["teacher_a"].argmax(-1))
     np.testing.assert_array_equal(batch["soft_classes"][..., 2],
                                   expected["teacher_b"].argmax(-1))
+
+
+def test_per_student_strong_views_are_independent_draws_on_one_geometry(data_dir, train_source):
+  config = tiny_config(data_dir, "augment.strong_views=per_student")
+  batch = next(_iterator(config, train_source))["unlabeled"]
+  assert batch["strong"].shape == (2, 2, 64, 64, 3)
+  assert not np.array_equal(batch["strong"][:, 0], batch["strong"][:, 1])
+  # A deterministic op shows that both views keep the weak view's geometry.
+  config.augment.num_ops, config.augment.ops = 1, ("invert",)
+  batch = next(_iterator(config, train_source))["unlabeled"]
+  for view in range(2):
+    np.testing.assert_array_equal(batch["strong"][:, view], 255 - batch["weak"])

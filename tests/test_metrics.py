@@ -1,5 +1,6 @@
 """Confusion matrix, IoU and total variation against numpy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,3 +40,25 @@ def test_total_variation_matches_numpy():
   expected = np.mean([0.5 * np.abs(p[i] - q[i]).sum() for i in np.ndindex(p.shape[:-1])])
   np.testing.assert_allclose(metrics.total_variation(jnp.asarray(p), jnp.asarray(q)), expected,
                              rtol=1e-6)
+
+
+def test_pseudo_label_class_counts_match_numpy():
+  rng = np.random.default_rng(3)
+  k = 4
+  pseudo = rng.integers(0, k, (2, 5, 6))
+  truth = np.where(rng.uniform(size=(2, 5, 6)) < 0.2, 255, rng.integers(0, k, (2, 5, 6)))
+  confident = rng.uniform(size=(2, 5, 6)) < 0.6
+  in_image = rng.uniform(size=(2, 5, 6)) < 0.9
+  confident &= in_image
+  sums = jax.device_get(metrics.pseudo_label_class_counts(
+      jnp.asarray(pseudo), jnp.asarray(confident), jnp.asarray(truth), jnp.asarray(in_image), k))
+  known = truth != 255
+  for c in range(k):
+    assert sums["confident"][c] == np.sum(confident & (pseudo == c))
+    assert sums["known"][c] == np.sum(confident & known & (pseudo == c))
+    assert sums["correct"][c] == np.sum(confident & (pseudo == c) & (truth == c))
+    assert sums["truth"][c] == np.sum(in_image & (truth == c))
+  report = metrics.pseudo_label_class_report(sums)
+  np.testing.assert_allclose(report["share"].sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(report["precision"], sums["correct"] / sums["known"])
+  np.testing.assert_allclose(report["recall"], sums["correct"] / sums["truth"])

@@ -54,6 +54,8 @@ BAD_VALUES = [
     ("eval.stride", 0.0, r"a number in \(0.0, 1.0\]"),
     ("rml.stages", 2, "supervised"),  # a relation between keys (with mode=supervised below)
     ("num_image_summaries", 200, "at most eval_batch_size"),
+    ("augment.strong_views", "both", "one of"),
+    ("data.train_list", "train.txt", "expected '' without data.val_list"),
 ]
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rml_jax import inference, sharding, state, step
+from rml_jax import augment, inference, sharding, state, step
 from rml_jax.program import Program
 from tests.conftest import tiny_config
 
@@ -42,7 +42,7 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
   batch = {"labeled": {"image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
                        "label": rng.integers(0, 11, (2, 64, 64)).astype(np.int32)},
            "unlabeled": {"weak": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
-                         "strong": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+                         "strong": rng.integers(0, 255, (2, 1, 64, 64, 3), dtype=np.uint8),
                          "valid": np.ones((2, 64, 64), bool),
                          "label": np.full((2, 64, 64), 255, np.int32)}}
   updated, metrics = program.train_fn(placed, sharding.to_global(batch, program.mesh))
@@ -95,3 +95,51 @@ def test_initial_students_are_each_models_own_init(model_b):
     kernels = [(a, b) for a, b in zip(jax.tree.leaves(initial.learner_a.params),
                                       jax.tree.leaves(initial.learner_b.params)) if a.ndim == 4]
     assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
+
+
+def _unlabeled_batch(views: int) -> dict:
+  rng = np.random.default_rng(5)
+  return {"weak": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+          "strong": rng.integers(0, 255, (2, views, 64, 64, 3), dtype=np.uint8),
+          "valid": np.ones((2, 64, 64), bool),
+          "label": np.full((2, 64, 64), 255, np.int32)}
+
+
+@pytest.mark.parametrize("views", ["per_student", "shared"])
+def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, views):
+  """Per student: its view, and the labels and masks of both teachers it learns from, are
+  mixed with its own box (numpy mixing as the reference); shared: one view and box for both."""
+  config = tiny_config(data_dir, f"mode=iml,augment.strong_views={views},"
+                       "augment.cutmix_prob=1.0,rml.threshold=0.5")
+  program = Program.create(config)
+  cfg = program.step_config
+  train_state = program.fresh_state(jax.random.key(0))
+  unlabeled = _unlabeled_batch(2 if views == "per_student" else 1)
+  rng = jax.random.key(9)
+  _, mixed_views, targets = step.unlabeled_targets(
+      train_state, jax.tree.map(jnp.asarray, unlabeled), rng, jnp.asarray(0), cfg, {})
+  weak = inference.normalize(jnp.asarray(unlabeled["weak"]), cfg.mean, cfg.std)
+  plain = [step.pseudo_labels(o["logits"], cfg.threshold)[1]
+           for o in step.source_outputs(train_state, weak, step.MODES["iml"])]
+  strong = np.asarray(inference.normalize(jnp.asarray(unlabeled["strong"]), cfg.mean, cfg.std))
+
+  def mixed(box, array):
+    box = box.reshape(box.shape + (1,) * (array.ndim - 3))
+    return np.where(box, np.roll(array, -1, axis=0), array)
+
+  boxes = []
+  for student in range(2):
+    view = student if views == "per_student" else 0
+    box = np.asarray(augment.cutmix_box_masks(
+        jax.random.fold_in(rng, view) if views == "per_student" else rng, 2, 64, 64, 1.0,
+        cfg.cutmix_area))
+    boxes.append(box)
+    np.testing.assert_allclose(mixed_views[student], mixed(box, strong[:, view]), rtol=1e-6)
+    for source, target in zip(plain, targets[student]):  # iml: both teachers teach each student
+      np.testing.assert_array_equal(target.labels, mixed(box, np.asarray(source.labels)))
+      np.testing.assert_array_equal(target.valid, mixed(box, np.asarray(source.valid)))
+  if views == "per_student":
+    assert not np.array_equal(boxes[0], boxes[1])
+    assert not np.allclose(mixed_views[0], mixed_views[1])
+  else:
+    np.testing.assert_array_equal(mixed_views[0], mixed_views[1])

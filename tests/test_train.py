@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
                                                                   dtype=np.uint8),
                        "label": np.zeros((2, 64, 64), np.int32)},
            "unlabeled": {"weak": np.zeros((2, 64, 64, 3), np.uint8),
-                         "strong": np.zeros((2, 64, 64, 3), np.uint8),
+                         "strong": np.zeros((2, 1, 64, 64, 3), np.uint8),
                          "valid": np.ones((2, 64, 64), bool),
                          "label": np.full((2, 64, 64), 255, np.int32)}}
   original, _ = program.train_fn(original, sharding.to_global(batch, program.mesh))
@@ -174,3 +174,21 @@ def test_predict_mode_writes_label_mask_and_overlay_pngs(trained, tmp_path):
   with pytest.raises(UserError, match=r"broken\.png: unreadable image"):
     predict.predict(config, workdir)
   assert not os.path.exists(tmp_path / "out2")
+
+
+def test_train_summary_sums_counts_over_the_interval_before_dividing():
+  step = lambda correct, counted, confident, hits: {  # noqa: E731
+      "loss_a": np.float32(correct), "plc_correct_a": np.float32(correct),
+      "plc_counted_a": np.float32(counted),
+      "plk_confident_a": np.asarray(confident, np.float32),
+      "plk_known_a": np.asarray(confident, np.float32),
+      "plk_correct_a": np.asarray(hits, np.float32),
+      "plk_truth_a": np.asarray([10, 0], np.float32)}
+  out = train.summarize_train_metrics([step(1, 4, [3, 1], [1, 1]), step(3, 4, [5, 3], [4, 2])],
+                                      ("sky", "road"))
+  assert out["loss_a"] == 2.0
+  assert out["confident_pseudo_label_acc_a"] == 0.5  # (1 + 3) / (4 + 4)
+  assert out["pseudo_labels/a/sky/share"] == pytest.approx(8 / 12)
+  assert out["pseudo_labels/a/road/precision"] == pytest.approx(3 / 4)
+  assert out["pseudo_labels/a/sky/recall"] == pytest.approx(5 / 20)  # truth: 10 per step
+  assert "pseudo_labels/a/road/recall" not in out  # no truth pixels: nothing to divide by

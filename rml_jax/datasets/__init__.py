@@ -191,8 +191,9 @@ def data_sources(data_config: ml_collections.ConfigDict) -> Sources:
   """Train and val sources of config.data, preparing the dataset when needed.
 
   config.data.val_holdout > 0 holds that many labeled train images out as the val set (seeded by
-  config.data.split_seed; for folders without a val folder). An unlabeled split (image_folder's
-  'unlabeled/') is appended to train after the labeled images.
+  config.data.split_seed; for folders without a val folder); config.data.val_list names them
+  instead (and config.data.train_list, optionally, the train images among the rest). An
+  unlabeled split (image_folder's 'unlabeled/') is appended to train after the labeled images.
   """
   spec = _spec(data_config)
   builder = get_builder(data_config)
@@ -200,7 +201,10 @@ def data_sources(data_config: ml_collections.ConfigDict) -> Sources:
   labeled = _split_source(builder, data_config.train_split, spec)
   holdout = data_config.val_holdout
   keep = np.arange(len(labeled))
-  if holdout > 0:
+  if data_config.val_list:
+    keep, held = _listed_indices(data_config, _read_ids(builder, data_config.train_split, spec))
+    val = Subset(labeled, held)
+  elif holdout > 0:
     if holdout >= len(labeled):
       raise UserError(f"config.data.val_holdout={holdout}: the train split has only "
                       f"{len(labeled)} labeled images; expected fewer")
@@ -214,7 +218,8 @@ def data_sources(data_config: ml_collections.ConfigDict) -> Sources:
                       "labeled images out as the val set")
     _require_split(builder, data_config.val_split, "val_split")
     val = _split_source(builder, data_config.val_split, spec)
-  parts = [Subset(labeled, keep) if holdout > 0 else labeled]
+  held_out = holdout > 0 or bool(data_config.val_list)
+  parts = [Subset(labeled, keep) if held_out else labeled]
   id_splits = [data_config.train_split]
   if spec.unlabeled_split and spec.unlabeled_split in builder.info.splits:
     parts.append(_split_source(builder, spec.unlabeled_split, spec))
@@ -227,6 +232,46 @@ def data_sources(data_config: ml_collections.ConfigDict) -> Sources:
 
   train = parts[0] if len(parts) == 1 else Concat(parts)
   return Sources(train=train, val=val, num_labeled=len(keep), read_train_ids=read_train_ids)
+
+
+def read_id_list(data_config: ml_collections.ConfigDict, key: str) -> list[str]:
+  """The image ids (file stems, one per line) of the list file config.data.<key>, relative to
+  config.data.root."""
+  path = os.path.join(os.path.expanduser(data_config.root), data_config[key])
+  try:
+    with open(path) as f:
+      ids = [line.strip() for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"config.data.{key}: cannot read {path} ({e.__class__.__name__}); expected "
+                    "a text file of image ids, one per line") from None
+  if not ids:
+    raise UserError(f"config.data.{key}: {path} lists no image ids; expected one per line")
+  return ids
+
+
+def _listed_indices(data_config: ml_collections.ConfigDict, ids: list[str]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val) indices into the labeled images whose ids are `ids`: val from
+  config.data.val_list; train from config.data.train_list, or every image not in val."""
+  position = {image_id: i for i, image_id in enumerate(ids)}
+
+  def indices(key: str) -> np.ndarray:
+    listed = read_id_list(data_config, key)
+    missing = [i for i in listed if i not in position]
+    if missing:
+      raise UserError(f"config.data.{key}: image id {missing[0]!r} ({len(missing)} of "
+                      f"{len(listed)} listed) is not among the labeled images of "
+                      f"config.data.images_dir; expected file stems of its images")
+    return np.unique([position[i] for i in listed])
+
+  val = indices("val_list")
+  train = (indices("train_list") if data_config.train_list
+           else np.setdiff1d(np.arange(len(ids)), val))
+  overlap = np.intersect1d(train, val)
+  if overlap.size:
+    raise UserError(f"config.data.train_list: image id {ids[overlap[0]]!r} is also in "
+                    "config.data.val_list; expected disjoint lists")
+  return train, val
 
 
 def labeled_indices(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

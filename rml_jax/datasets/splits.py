@@ -70,6 +70,7 @@ def cached_ids(cache_dir: str | None, data_config: ml_collections.ConfigDict,
   """The train image ids, kept in cache_dir/train_image_ids.txt after the first read."""
   path = os.path.join(cache_dir, "train_image_ids.txt") if cache_dir else None
   key = (f"# {data_config.name} {data_config.train_split} holdout={data_config.val_holdout} "
+         f"val_list={data_config.val_list} train_list={data_config.train_list} "
          f"data_dir={data_config.data_dir} root={data_config.root}")
   if path and os.path.isfile(path):
     with open(path) as f:
