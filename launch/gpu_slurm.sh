@@ -35,7 +35,7 @@ for arg in "$@"; do
     --mode=*) mode=${arg#*=} ;;
     --dry-run) dry_run=1 ;;
     --config.*) extra+=("$arg") ;;
-    -h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    -h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$arg'" ;;
   esac
 done

@@ -16,9 +16,10 @@
 # TPU_ACCELERATOR, TPU_VERSION, RML_REPO (git URL of this project), RML_REF.
 set -euo pipefail
 
+# Prints the usage; exits with $1 (0 when asked for with --help, 2 after a bad call).
 usage() {
   sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
+  exit "${1:-2}"
 }
 
 die() {
@@ -26,9 +27,12 @@ die() {
   exit 2
 }
 
-[[ $# -ge 1 ]] || usage
+[[ $# -ge 1 ]] || usage 2
 command_name=$1
 shift
+case $command_name in
+  -h | --help | help) usage 0 ;;
+esac
 
 name=${TPU_NAME:-}
 zone=${TPU_ZONE:-}
@@ -55,7 +59,7 @@ for arg in "$@"; do
     --workdir=*) workdir=${arg#*=} ;;
     --dry-run) dry_run=1 ;;
     --config.*) extra+=("$arg") ;;
-    -h | --help) usage ;;
+    -h | --help) usage 0 ;;
     *) die "unknown argument '$arg' (see $0 --help)" ;;
   esac
 done

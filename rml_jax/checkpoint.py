@@ -4,12 +4,23 @@ small JSON description of the run that restore checks before touching any array.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from rml_jax.errors import UserError
+
+# How tensorstore, orbax and JSON report files that are missing, empty or corrupt.
+_DAMAGE = re.compile(r"DATA_LOSS|NOT_FOUND|No such file|Error decoding|Expecting value|"
+                     r"Unexpected end|truncated|corrupt", re.IGNORECASE)
+
+
+class UnreadableCheckpoint(Exception):
+  """A checkpoint step whose files are missing, empty or corrupt (the message says which)."""
 
 
 class Checkpointer:
@@ -42,8 +53,12 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)), force=force)
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        "meta"]
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # a missing or emptied meta file
+      raise UnreadableCheckpoint((str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                                 ) from None
 
   def restore(self, step: int, abstract_state: Any, meta: dict[str, Any],
               data_iterator: Any | None = None) -> Any:
@@ -58,14 +73,38 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    # tensorstore's failed reads also surface as asyncio "never retrieved" tracebacks.
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    asyncio_logger.setLevel(logging.CRITICAL)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError) as e:
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise UserError(f"{self.directory}/{step}: checkpoint does not fit this config's state "
-                      f"({first_line[:300]})") from None
+    except Exception as e:  # orbax, tensorstore, grain and JSON raise many kinds
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      if isinstance(e, (ValueError, KeyError)) and not _DAMAGE.search(first_line):
+        raise UserError(f"{self.directory}/{step}: checkpoint does not fit this config's state "
+                        f"({first_line})") from None
+      raise UnreadableCheckpoint(first_line) from None
+    finally:
+      asyncio_logger.setLevel(level)
     logging.info("Restored checkpoint %s/%d", self.directory, step)
     return restored["state"]
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def set_aside(self, step: int) -> str:
+    """Renames an unreadable step to `<step>.unreadable` (kept, no longer a checkpoint);
+    returns its new path."""
+    source = os.path.join(self.directory, str(step))
+    target = f"{source}.unreadable"
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = f"{source}.unreadable{suffix}", suffix + 1
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    self._manager.reload()
+    return target
 
   def wait(self):
     self._manager.wait_until_finished()

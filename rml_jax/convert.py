@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 
+from rml_jax import weights
 from rml_jax.errors import UserError, fail
 from rml_jax.weights import Tree, flatten, load, save, unflatten
 
@@ -37,17 +38,31 @@ def load_source(path: str) -> dict[str, np.ndarray]:
     except ImportError:
       raise UserError(f"--src: {path} is a torch file and torch is not installed; convert it "
                       "to .safetensors or .npz, or `pip install torch`") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state.get("model", state))
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
+      raise UserError(f"--src: {path} is not readable as a torch checkpoint "
+                      f"({weights.first_sentence(e)}); expected a state dict saved with "
+                      "torch.save") from None
+    if isinstance(state, dict):
+      state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+      raise UserError(f"--src: {path} holds a {type(state).__name__} that is not a flat dict "
+                      "of tensors; expected a state dict saved with torch.save")
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in state.items()}
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
 
-    return dict(load_file(path))
+    try:
+      return dict(load_file(path))
+    except Exception as e:  # safetensors raises SafetensorError, OSError
+      raise UserError(f"--src: {path} is not readable as safetensors "
+                      f"({weights.first_sentence(e)}); expected a .safetensors checkpoint"
+                      ) from None
   if path.endswith(".npz"):
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+    return weights.read_npz(path, "--src", "an .npz checkpoint of arrays")
   raise UserError(f"--src: {path}: expected a .pth, .safetensors or .npz file")
 
 

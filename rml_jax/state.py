@@ -187,6 +187,19 @@ def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return path_a, path_b
 
 
+def pretrained_keys(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """The config keys that name each student's params file (for messages)."""
+  return ("config.model.init_from",
+          "config.model_b.init_from" if config.model_b.name else "config.model.init_from")
+
+
+def check_pretrained_files(config: ml_collections.ConfigDict) -> None:
+  """Reads each params file the config names once, so a bad one stops before a run writes."""
+  for path, key in set(zip(pretrained_paths(config), pretrained_keys(config))):
+    if path:
+      weights.load(path, key)
+
+
 def load_pretrained(train_state: RMLState, config: ml_collections.ConfigDict,
                     shardings) -> RMLState:
   """Puts converted pretrained weights (rml_jax.convert) into both students and both teachers.
@@ -198,8 +211,9 @@ def load_pretrained(train_state: RMLState, config: ml_collections.ConfigDict,
   if not any(paths):
     return train_state
   learners = {}
-  for name, model, path in (("learner_a", train_state.model_a, paths[0]),
-                            ("learner_b", train_state.model_b, paths[1])):
+  keys = pretrained_keys(config)
+  for name, model, path, key in (("learner_a", train_state.model_a, paths[0], keys[0]),
+                                 ("learner_b", train_state.model_b, paths[1], keys[1])):
     learner = getattr(train_state, name)
     if not path:
       learners[name] = learner
@@ -207,7 +221,8 @@ def load_pretrained(train_state: RMLState, config: ml_collections.ConfigDict,
     learner = jax.device_get(learner)
     patch = getattr(model, "patch_size", None)
     grid = (tuple(s // patch for s in config.data.crop_size) if patch else None)
-    merged, kept = weights.merge_pretrained(learner.student, weights.load(path), path, grid)
+    merged, kept = weights.merge_pretrained(learner.student, weights.load(path, key), path,
+                                           grid)
     logging.info("%s: loaded %s; %d tensors stay initialised (e.g. %s)", name, path,
                  len(kept), ", ".join(kept[:3]))
     learners[name] = learner.replace(

@@ -15,7 +15,16 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from rml_jax import datasets, input_pipeline, schema, sharding, soft_labels, state, visualize
+from rml_jax import (
+  checkpoint,
+  datasets,
+  input_pipeline,
+  schema,
+  sharding,
+  soft_labels,
+  state,
+  visualize,
+)
 from rml_jax import metrics as metrics_lib
 from rml_jax.constants import IGNORE_LABEL, MODEL_NAMES, TEACHERS
 from rml_jax.errors import UserError
@@ -159,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   program = Program.create(config)
   if config.rml.stages > 1 and jax.process_count() > 1:
     raise UserError("config.rml.stages > 1 is not supported with several processes yet")
+  if not Workdir.has_checkpoints(workdir):  # a new run: a bad params file stops before any write
+    state.check_pretrained_files(config)
   run = Workdir(workdir, config.keep_checkpoints)
   sources = datasets.data_sources(config.data)
   labeled_idx, unlabeled_idx = datasets.split(config.data, sources, cache_dir=run.path)
@@ -265,17 +276,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _resume_or_start(program: Program, run: Workdir, make_iterator: Callable[[int], Any]):
-  """(state, train iterator, its stage) from the latest checkpoint, or the initial state."""
-  latest = run.checkpointer.latest_step()
-  # The checkpoint of step t holds the iterator of the stage that ran step t.
-  stage = stage_of(latest, program.config.total_steps) if latest else 0
-  data_iter = make_iterator(stage)
-  if latest is None:
-    return program.initial_state(), data_iter, stage
-  train_state = run.checkpointer.restore(latest, program.abstract_state, program.meta,
+  """(state, train iterator, its stage) from the latest readable checkpoint, or the initial
+  state when there is none.
+
+  A step that cannot be read (a file removed or emptied after it was written) is named, kept
+  as `<step>.unreadable`, and the previous step is tried; when no step is readable the run stops
+  with one line and renames nothing.
+  """
+  checkpointer = run.checkpointer
+  steps = checkpointer.all_steps()
+  if not steps:
+    return program.initial_state(), make_iterator(0), 0
+  problems = []
+  for latest in reversed(steps):
+    # The checkpoint of step t holds the iterator of the stage that ran step t.
+    stage = stage_of(latest, program.config.total_steps) if latest else 0
+    data_iter = make_iterator(stage)
+    try:
+      train_state = checkpointer.restore(latest, program.abstract_state, program.meta,
                                          data_iter)
-  logging.info("Resumed from step %d.", latest)
-  return train_state, data_iter, stage
+    except checkpoint.UnreadableCheckpoint as e:
+      _close(data_iter)
+      reason = str(e)[:200]
+      problems.append((latest, reason))
+      logging.warning("Checkpoint step %d in %s is unreadable: %s", latest,
+                      checkpointer.directory, reason)
+      continue
+    for step, reason in problems:
+      kept = checkpointer.set_aside(step)
+      print(f"Checkpoint step {step} is unreadable ({reason}); kept as {kept}. Resuming from "
+            f"step {latest}.", flush=True)
+    logging.info("Resumed from step %d.", latest)
+    return train_state, data_iter, stage
+  step, reason = problems[0]
+  raise UserError(f"{checkpointer.directory}: no readable checkpoint (step {step}: {reason}); "
+                  "expected at least one complete step. Nothing was changed; remove or repair "
+                  "the damaged steps, or use another --workdir")
 
 
 def _log_interval(config: ml_collections.ConfigDict, writer, step: int, stage: int,

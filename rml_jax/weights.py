@@ -4,6 +4,7 @@ writing, and merging pretrained weights into a model's variables."""
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,12 +44,39 @@ def save(path: str, variables: Tree) -> None:
   os.replace(tmp, path)
 
 
-def load(path: str) -> Tree:
-  if not os.path.exists(path):
-    raise UserError(f"config.model.init_from: {path} does not exist; make it with "
-                    "`python -m rml_jax.convert`")
-  with np.load(path) as data:
-    return unflatten({k: data[k] for k in data.files})
+def first_sentence(error: Exception) -> str:
+  """The first sentence of an exception's message (its type name when it has none)."""
+  text = (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+  return text[:150] or type(error).__name__
+
+
+def read_npz(path: str, key: str, expected: str) -> dict[str, np.ndarray]:
+  """Every array of the .npz archive `path`; anything else (a missing file, garbage bytes, a
+  pickle, a truncated archive, a single .npy array) stops with one line naming `key` (the flag
+  or config key that named the file) and `expected`."""
+  if not os.path.isfile(path):
+    raise UserError(f"{key}: {path} does not exist; expected {expected}")
+  try:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz archive")
+    with data:
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    reason = first_sentence(e)
+    raise UserError(f"{key}: {path} is not readable as an .npz archive ({reason}); expected "
+                    f"{expected}") from None
+
+
+def load(path: str, key: str = "config.model.init_from") -> Tree:
+  """A params file -> {'params': ..., 'batch_stats': ...}; one line for anything else."""
+  expected = "a params file written by `python -m rml_jax.convert`"
+  flat = read_npz(path, key, expected)
+  if not flat or not all(k.startswith(("params/", "batch_stats/")) for k in flat):
+    shown = ", ".join(sorted(flat)[:3]) or "no arrays"
+    raise UserError(f"{key}: {path} holds {shown}; expected {expected} (keys params/... and "
+                    "batch_stats/...)")
+  return unflatten(flat)
 
 
 def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, grid: tuple[int, int]

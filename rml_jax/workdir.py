@@ -45,6 +45,11 @@ class Workdir:
     self.checkpointer = checkpoint.Checkpointer(os.path.join(self.path, "checkpoints"),
                                                 keep=keep_checkpoints, read_only=read_only)
 
+  @staticmethod
+  def has_checkpoints(path: str) -> bool:
+    """Whether `path` holds a checkpoints folder (a run to resume), without creating anything."""
+    return os.path.isdir(os.path.join(os.path.abspath(os.path.expanduser(path)), "checkpoints"))
+
   @property
   def is_writer(self) -> bool:
     """Whether this process writes the run's own files (process 0)."""

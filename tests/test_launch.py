@@ -80,3 +80,18 @@ def test_launch_scripts_are_shellcheck_clean():
   scripts = [os.path.join(ROOT, "launch", s) for s in ("tpu_vm.sh", "gpu_slurm.sh")]
   result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script, args", [
+    ("tpu_vm.sh", ["--help"]), ("tpu_vm.sh", ["help"]), ("tpu_vm.sh", ["train", "-h"]),
+    ("gpu_slurm.sh", ["--help"]),
+])
+def test_help_prints_the_usage_and_exits_0(script, args):
+  result = _run(script, *args)
+  assert result.returncode == 0, result.stderr
+  assert "--workdir" in result.stdout and result.stderr == ""
+
+
+def test_tpu_vm_without_a_subcommand_prints_the_usage_and_exits_2():
+  result = _run("tpu_vm.sh")
+  assert result.returncode == 2 and "--workdir" in result.stdout

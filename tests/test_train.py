@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -192,3 +193,37 @@ def test_train_summary_sums_counts_over_the_interval_before_dividing():
   assert out["pseudo_labels/a/road/precision"] == pytest.approx(3 / 4)
   assert out["pseudo_labels/a/sky/recall"] == pytest.approx(5 / 20)  # truth: 10 per step
   assert "pseudo_labels/a/road/recall" not in out  # no truth pixels: nothing to divide by
+
+
+@pytest.mark.parametrize("damage", ["removed", "emptied"])
+def test_a_damaged_latest_checkpoint_is_kept_aside_and_the_run_resumes_from_the_previous(
+    trained, data_dir, tmp_path, damage):
+  """A file of step 4 removed or emptied after it was written: the run names step 4, keeps it
+  as 4.unreadable, resumes from step 2 and ends in the uninterrupted run's state."""
+  config, workdir, _ = trained
+  reference = _restore_final(config, workdir)
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(workdir, damaged)
+  target = os.path.join(damaged, "checkpoints", "4", "state", "manifest.ocdbt")
+  if damage == "removed":
+    os.remove(target)
+  else:
+    open(target, "w").close()
+  train.train_and_evaluate(config, damaged)
+  assert os.path.isfile(os.path.join(damaged, "checkpoints", "4.unreadable", "state",
+                                     "commit_success.txt"))
+  assert _leaves_equal(_restore_final(config, damaged), reference)
+
+
+def test_no_readable_checkpoint_is_one_line_and_changes_nothing(trained, data_dir, tmp_path):
+  config, workdir, _ = trained
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(workdir, damaged)
+  steps = sorted(os.listdir(os.path.join(damaged, "checkpoints")))
+  for name in steps:
+    open(os.path.join(damaged, "checkpoints", name, "state", "manifest.ocdbt"),
+         "w").close()
+  with pytest.raises(UserError, match=r"checkpoints: no readable checkpoint \(step 4: ") as error:
+    train.train_and_evaluate(config, damaged)
+  assert "\n" not in str(error.value)
+  assert sorted(os.listdir(os.path.join(damaged, "checkpoints"))) == steps
