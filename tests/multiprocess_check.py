@@ -25,7 +25,8 @@ def _config(data_dir):
 
   # The full RML step (teachers, prototypes, CutMix) on the real input pipeline.
   config = tiny_config(data_dir, "mode=rml,optimizer.name=sgd,model.activation=gelu,"
-                                 "optimizer.learning_rate=0.01,optimizer.warmup_steps=0")
+                                 "optimizer.learning_rate=0.01,optimizer.warmup_steps=0,"
+                                 "rml.rectify_start_step=0")
   config.labeled_batch_size = config.unlabeled_batch_size = 8
   return config
 
@@ -81,7 +82,8 @@ def main():
 
         distributed.global_state.client.wait_at_barrier("rml_jax_compiled", 600_000)
     train_state, metrics = compiled(train_state, batch)
-    history.append({k: float(_host_value(v)) for k, v in metrics.items()})
+    history.append({k: np.asarray(_host_value(v), np.float64).tolist()  # scalars and [K]
+                    for k, v in metrics.items()})
   workdir = os.path.join(out_dir, "work")
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   checkpointer.save(STEPS, train_state, iterators[0], {"check": mode}, force=True)
