@@ -235,14 +235,16 @@ def _split_batch(output: dict[str, jax.Array], first: int) -> tuple[dict, dict]:
 
 def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax.Array,
                       step: jax.Array, cfg: StepConfig, metrics: dict[str, jax.Array],
-                      labeled_weak: jax.Array | None = None
+                      labeled_weak: jax.Array | None = None,
+                      labeled_known: jax.Array | None = None
                       ) -> tuple[tuple[Learner, Learner], tuple[jax.Array, jax.Array],
                                  tuple[tuple[PseudoLabels, ...], ...]]:
   """Both sources' pseudo labels on the unlabeled batch, and CutMix applied to each student's
   strong view and to the labels it learns from. Adds the pseudo-label metrics to `metrics`.
 
   labeled_weak: the normalised labeled images [Nl, H, W, 3]; with cfg.prototypes_from_labeled
-  their teacher features join the prototype update (eq. 10 runs over D_l and D_u).
+  their teacher features join the prototype update (eq. 10 runs over D_l and D_u), where
+  labeled_known [Nl, H, W] bool (default everywhere) marks pixels that are not crop padding.
   Returns ((learner a, learner b) with updated prototypes, per student its mixed normalised
   strong view [N, H, W, 3], per student the mixed PseudoLabels of its mode.routes).
   """
@@ -283,9 +285,10 @@ def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax
       labels = teacher_assignment(teacher_probs[i], in_image, h, w)  # eq. 10: current teacher
       if with_labeled:
         labeled_probs = jax.nn.softmax(labeled_outputs[i]["logits"], axis=-1)
-        everywhere = jnp.ones(labeled_probs.shape[:3], bool)
+        known = (jnp.ones(labeled_probs.shape[:3], bool) if labeled_known is None
+                 else labeled_known)
         features = jnp.concatenate([labeled_outputs[i]["features"], features])
-        labels = jnp.concatenate([teacher_assignment(labeled_probs, everywhere, h, w), labels])
+        labels = jnp.concatenate([teacher_assignment(labeled_probs, known, h, w), labels])
       updated.append(online_prototypes(learner, features, labels, step, cfg))
     learners = tuple(updated)
     rectified = [self_rectify(learner, probs[i], outputs[i]["features"], step, cfg)
@@ -426,8 +429,10 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
   targets: tuple[tuple[PseudoLabels, ...], ...] = ((), ())
   inputs = (labeled_images, labeled_images)
   if mode.unlabeled:
+    # Labeled pixels with a label: crop padding (and void) stay out of the prototypes.
     learners, views, targets = unlabeled_targets(state, batch["unlabeled"], cutmix_rng,
-                                                 local_step, cfg, metrics, labeled_images)
+                                                 local_step, cfg, metrics, labeled_images,
+                                                 labels != IGNORE_LABEL)
     inputs = tuple((labeled_images, view) if cfg.bn_stats == "labeled"
                    else jnp.concatenate([labeled_images, view], axis=0) for view in views)
   unsup_weight = unsup_weight_at(local_step, cfg.unsup_weight, cfg.unsup_rampup_steps)
