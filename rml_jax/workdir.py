@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -82,7 +83,7 @@ class Workdir:
     try:
       with np.load(path) as stored:
         return int(stored["done"]), stored["sums"], stored["counts"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
       logging.warning("%s is unreadable (%s); the prototype pass starts over.", path, e)
       return None
 

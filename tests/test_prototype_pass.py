@@ -65,3 +65,14 @@ def test_exact_prototypes_match_numpy_and_a_stopped_pass_resumes(data_dir, tmp_p
   for a, b in ((done.learner_a, resumed.learner_a), (done.learner_b, resumed.learner_b)):
     np.testing.assert_allclose(a.prototypes, b.prototypes, rtol=1e-6)
     np.testing.assert_array_equal(a.prototypes_seen, b.prototypes_seen)
+
+
+def test_damaged_partial_sums_restart_the_pass(tmp_path):
+  """A truncated partial-sums file reads as absent (the pass starts over), not a traceback."""
+  run = Workdir(str(tmp_path), keep_checkpoints=1)
+  run.write_prototype_sums(3, 4, np.ones((2, 3, 5)), np.full((2, 3), 2.0))
+  done, sums, counts = run.read_prototype_sums(3)
+  assert done == 4 and sums.shape == (2, 3, 5) and (counts == 2.0).all()
+  path = tmp_path / "prototypes" / "step_3.npz"
+  path.write_bytes(path.read_bytes()[:100])
+  assert run.read_prototype_sums(3) is None
