@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -22,7 +23,16 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from rml_jax import compilation_cache, datasets, inference, input_pipeline, sharding, step
+from rml_jax import (
+  compilation_cache,
+  config_args,
+  datasets,
+  inference,
+  input_pipeline,
+  sharding,
+  step,
+  storage,
+)
 from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import run_program
 from rml_jax.models.resnet import accumulates_in_float32
@@ -318,12 +328,12 @@ def main(argv):
                      FLAGS.pieces)
   print(format_report(result), flush=True)
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=1)
+    storage.write_text(storage.resolve(FLAGS.json), json.dumps(result, indent=1))
 
 
 def run():
   define_flags()
+  sys.argv = config_args.with_packaged_configs(sys.argv)
   run_program(main)
 
 

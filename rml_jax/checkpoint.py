@@ -4,7 +4,6 @@ small JSON description of the run that restore checks before touching any array.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any
 
@@ -12,6 +11,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from rml_jax import storage
 from rml_jax.errors import UserError
 
 # How tensorstore, orbax and JSON report files that are missing, empty or corrupt.
@@ -96,13 +96,13 @@ class Checkpointer:
   def set_aside(self, step: int) -> str:
     """Renames an unreadable step to `<step>.unreadable` (kept, no longer a checkpoint);
     returns its new path."""
-    source = os.path.join(self.directory, str(step))
+    source = storage.join(self.directory, str(step))
     target = f"{source}.unreadable"
     suffix = 1
-    while os.path.exists(target):
+    while storage.exists(target):
       target, suffix = f"{source}.unreadable{suffix}", suffix + 1
     if jax.process_index() == 0:
-      os.rename(source, target)
+      storage.rename_dir(source, target)
     self._manager.reload()
     return target
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
+import os
+import sys
 
 import ml_collections
 
 from rml_jax.errors import UserError
+
+# Where an installed wheel keeps the checkout's configs/ (as the package rml_jax.configs).
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # Short names accepted in the arg string, mapped to their config paths.
 ALIASES = {"mode": "rml.mode", "steps": "total_steps", "workers": "data.worker_count"}
@@ -64,3 +71,29 @@ def split_presets(names: tuple[str, ...]) -> dict:
     return set_split
 
   return {name: preset(name) for name in names}
+
+
+def with_packaged_configs(argv: list[str]) -> list[str]:
+  """argv with `--config=configs/<file>.py[:arg]` pointing at the installed package's copy when
+  no such file exists from the working directory (a wheel install run from anywhere); the
+  configs' own `from configs import ...` then resolves to that copy as well. In a checkout, or
+  for any other path, argv is returned unchanged."""
+  out = []
+  for item in argv:
+    for prefix in ("--config=", "-config="):
+      if item.startswith(prefix):
+        path, sep, arg = item[len(prefix):].partition(":")
+        relative = os.path.normpath(path)
+        packaged = os.path.join(PACKAGED_CONFIGS, os.path.relpath(relative, "configs"))
+        if (not os.path.exists(path) and relative.startswith("configs" + os.sep)
+            and os.path.isfile(packaged)):
+          item = prefix + packaged + sep + arg
+          _alias_packaged_configs()
+    out.append(item)
+  return out
+
+
+def _alias_packaged_configs() -> None:
+  """Makes `import configs` mean rml_jax.configs when no configs package is importable."""
+  if "configs" not in sys.modules and importlib.util.find_spec("configs") is None:
+    sys.modules["configs"] = importlib.import_module("rml_jax.configs")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rml_jax import compilation_cache
+from rml_jax import compilation_cache, config_args
 from rml_jax.errors import UserError, fail, run_program
 
 FLAGS = flags.FLAGS
@@ -76,6 +77,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+  sys.argv = config_args.with_packaged_configs(sys.argv)
   run_program(main, flags_parser=parse_flags)
 
 

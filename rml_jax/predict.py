@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from rml_jax import augment, sharding, visualize
+from rml_jax import augment, sharding, storage, visualize
 from rml_jax.datasets import files
 from rml_jax.errors import UserError
 from rml_jax.program import Program
@@ -39,11 +39,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   run = Workdir(workdir, config.keep_checkpoints, read_only=True)
   step = run.latest_checkpoint()
   train_state = run.checkpointer.restore(step, program.abstract_state, program.meta)
-  output = os.path.expanduser(options.output or run.predictions_dir)
-  try:
-    os.makedirs(output, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"config.predict.output: cannot create {output} ({e.strerror})") from None
+  output = storage.resolve(options.output) if options.output else run.predictions_dir
+  storage.ensure_writable_dir(output, "config.predict.output", "the predicted masks")
   resize = config.eval.resize
   batch_size = max(1, program.mesh.devices.size)
   colours = visualize.palette(program.num_classes)
@@ -60,11 +57,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     labels = labels.astype(np.uint8)
     if labels.shape != (height, width):
       labels = augment.resize(labels, height, width, nearest=True)
-    _save_png(labels, os.path.join(output, f"{stem}_labels.png"))
-    _save_png(colours[labels], os.path.join(output, f"{stem}_mask.png"))
+    _save_png(labels, storage.join(output, f"{stem}_labels.png"))
+    _save_png(colours[labels], storage.join(output, f"{stem}_mask.png"))
     _save_png(visualize.overlay(image, colours[labels], options.overlay_alpha),
-              os.path.join(output, f"{stem}_overlay.png"))
-    written[stem] = os.path.join(output, f"{stem}_mask.png")
+              storage.join(output, f"{stem}_overlay.png"))
+    written[stem] = storage.join(output, f"{stem}_mask.png")
     print(f"[{i + 1}/{len(images)}] {path} -> {written[stem]}", flush=True)
   print(f"Predictions of {options.model} (checkpoint step {step}) in {output}", flush=True)
   run.close()
@@ -73,5 +70,4 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 
 def _save_png(array: np.ndarray, path: str) -> None:
   """Writes a PNG atomically (a complete file or none)."""
-  Image.fromarray(array).save(path + ".tmp", format="PNG")
-  os.replace(path + ".tmp", path)
+  storage.write_bytes(path, storage.bytes_of(lambda f: Image.fromarray(array).save(f, "PNG")))

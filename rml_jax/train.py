@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 
 from rml_jax import (
   checkpoint,
@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_state, data_iter, resume_stage = _resume_or_start(program, run, make_iterator)
   start_step = last_step = int(jax.device_get(train_state.step))
 
-  writer = metric_writers.create_default_writer(run.path, just_logging=not run.is_writer)
+  writer = run.metric_writer()
   if start_step == 0:
     writer.write_hparams(_hparams(config))
   report_progress = periodic_actions.ReportProgress(
@@ -272,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif not results and start_step >= final_step:
     # Resumed a finished run: report its final evaluation again.
     results = _evaluate_and_log(program, run, sources, train_state, start_step, writer, None)
+  writer.close()
   return results
 
 
@@ -317,8 +318,9 @@ def _resume_or_start(program: Program, run: Workdir, make_iterator: Callable[[in
 def _log_interval(config: ml_collections.ConfigDict, writer, step: int, stage: int,
                   history: list[dict[str, np.ndarray]], input_wait: float,
                   class_names: tuple[str, ...]) -> None:
-  """Writes the interval's train scalars at global step `step`; prints all but the per-class
-  pseudo-label diagnostics."""
+  """Writes the interval's train scalars at global step `step` and flushes the writer (event
+  files up to date, copied to a remote workdir); prints all but the per-class pseudo-label
+  diagnostics."""
   scalars = summarize_train_metrics(history, class_names)
   schedule = state.learning_rate_schedule(config)
   scalars.update(learning_rate=float(schedule((step - 1) % config.total_steps)),
@@ -327,6 +329,7 @@ def _log_interval(config: ml_collections.ConfigDict, writer, step: int, stage: i
   logging.info("step %d/%d: %s", step, config.total_steps * config.rml.stages,
                ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
                          if not k.startswith("pseudo_labels/")))
+  writer.flush()
 
 
 def _close(data_iter) -> None:

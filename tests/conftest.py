@@ -34,3 +34,33 @@ def tiny_config(data_dir: str, arg: str = ""):
   config = digits.get_config("tiny" + ("," + arg if arg else ""))
   config.data.data_dir = data_dir
   return config
+
+
+@pytest.fixture(scope="session")
+def emulator():
+  """An emulated Google Cloud Storage server on 127.0.0.1 with the bucket gs://bucket."""
+  from tests.gcs_emulator import Emulator
+
+  server = Emulator()
+  yield server
+  server.close()
+
+
+@pytest.fixture
+def remote_env(emulator, monkeypatch):
+  """This process reaches the emulator for gs:// paths; returns the environment that carries
+  it to subprocesses."""
+  for key, value in emulator.environment().items():
+    monkeypatch.setenv(key, value)
+  _forget_epath_backend()  # etils.epath caches whether to use TensorFlow's file system
+  yield {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  monkeypatch.undo()
+  _forget_epath_backend()
+
+
+def _forget_epath_backend():
+  from etils.epath import gpath
+
+  cached = getattr(gpath, "_is_tf_installed", None)
+  if hasattr(cached, "cache_clear"):
+    cached.cache_clear()

@@ -84,8 +84,10 @@ def main():
     train_state, metrics = compiled(train_state, batch)
     history.append({k: np.asarray(_host_value(v), np.float64).tolist()  # scalars and [K]
                     for k, v in metrics.items()})
-  workdir = os.path.join(out_dir, "work")
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  # RML_CHECK_CHECKPOINTS: where to checkpoint (the test passes a gs:// bucket); default local.
+  directory = os.environ.get("RML_CHECK_CHECKPOINTS") or os.path.join(out_dir, "work",
+                                                                      "checkpoints")
+  checkpointer = checkpoint.Checkpointer(directory)
   checkpointer.save(STEPS, train_state, iterators[0], {"check": mode}, force=True)
   checkpointer.wait()
   restored = checkpointer.restore(STEPS, abstract, {"check": mode})
@@ -93,8 +95,18 @@ def main():
   restored_equal = all(np.array_equal(a, _host_value(b))
                        for a, b in zip(leaves, jax.tree.leaves(restored)))
   checkpointer.close()
+  # RML_CHECK_RESTORE_FROM: another run's checkpoints (the two processes'), restored here.
+  foreign = {}
+  if os.environ.get("RML_CHECK_RESTORE_FROM"):
+    other = checkpoint.Checkpointer(os.environ["RML_CHECK_RESTORE_FROM"], read_only=True)
+    foreign = {f"arr_{i}": _host_value(x) for i, x in enumerate(jax.tree.leaves(
+        other.restore(other.latest_step(), abstract, {"check": "multi"})))}
+    other.close()
   if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "state.npz"), *leaves)
+    if foreign:
+      np.savez(os.path.join(out_dir, "restored_foreign.npz"), **foreign)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
       json.dump({"history": history, "restored_equal": restored_equal,
                  "processes": jax.process_count(), "local_devices": jax.local_device_count()}, f)

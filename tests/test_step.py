@@ -1,11 +1,13 @@
 """The train step's pieces against direct references: pseudo labels, EMA teachers, ramp-up."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rml_jax import augment, inference, sharding, state, step
+from rml_jax import augment, inference, prototypes, sharding, state, step
 from rml_jax.program import Program
 from tests.conftest import tiny_config
 
@@ -143,3 +145,40 @@ def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, v
     assert not np.allclose(mixed_views[0], mixed_views[1])
   else:
     np.testing.assert_array_equal(mixed_views[0], mixed_views[1])
+
+
+def test_stage_two_assigns_prototype_classes_by_the_current_teacher(data_dir):
+  """Eq. 10 in a later stage: the stored p^0 decides the pseudo labels, but each prototype
+  update assigns pixels by the current mean teacher's argmax, not by p^0's."""
+  config = tiny_config(data_dir, "mode=rml,rml.stages=2,rml.rectify_start_step=0,"
+                       "rml.prototypes_from_labeled=False,rml.prototype_momentum=0.5")
+  program = Program.create(config)
+  cfg = dataclasses.replace(program.step_config, stored_labels=True)
+  train_state = program.fresh_state(jax.random.key(0))
+  unlabeled = _unlabeled_batch(2)
+  k = cfg.soft_label_top_k
+  # p^0: class 7 everywhere with probability 1 for both teachers (the rest of the top k: 0).
+  stored_classes = np.zeros((2, 64, 64, 2 * k), np.uint8)
+  stored_classes[..., 0] = stored_classes[..., k] = 7
+  stored_probs = np.zeros((2, 64, 64, 2 * k), np.uint8)
+  stored_probs[..., 0] = stored_probs[..., k] = 255
+  unlabeled.update(soft_classes=stored_classes, soft_probs=stored_probs)
+  batch = jax.tree.map(jnp.asarray, unlabeled)
+  learners, _, _ = step.unlabeled_targets(train_state, batch, jax.random.key(9),
+                                          jnp.asarray(0), cfg, {})
+  weak = inference.normalize(batch["weak"], cfg.mean, cfg.std)
+  outputs = step.source_outputs(train_state, weak, step.MODES["rml"])
+  for learner, before, output in zip(learners, (train_state.learner_a, train_state.learner_b),
+                                     outputs):
+    features = output["features"]
+    _, h, w, _ = features.shape
+    probs = jax.nn.softmax(output["logits"], axis=-1)
+    by_teacher = step.teacher_assignment(probs, batch["valid"], h, w)
+    assert not np.all(np.asarray(by_teacher) == 7)  # the teacher does not say 7 everywhere
+    expected = prototypes.update_prototypes(before.prototypes, features, by_teacher,
+                                            cfg.prototype_momentum, seen=before.prototypes_seen)
+    by_stored = jnp.full_like(by_teacher, 7)
+    wrong = prototypes.update_prototypes(before.prototypes, features, by_stored,
+                                         cfg.prototype_momentum, seen=before.prototypes_seen)
+    np.testing.assert_allclose(learner.prototypes, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(learner.prototypes, wrong, rtol=1e-5, atol=1e-6)

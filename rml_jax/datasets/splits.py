@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import jax
 import ml_collections
 import numpy as np
 
+from rml_jax import storage
 from rml_jax.errors import UserError
 
-REPO_SPLITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "data", "splits")
+# The split lists: data/splits of a checkout, else the installed package's copy (rml_jax/splits).
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_SPLITS = next((path for path in (os.path.join(os.path.dirname(_PACKAGE), "data", "splits"),
+                                      os.path.join(_PACKAGE, "splits"))
+                    if os.path.isdir(path)), os.path.join(_PACKAGE, "splits"))
 _ID_SUFFIXES = ("_leftImg8bit",)
 
 
@@ -68,21 +73,17 @@ def split_folder(data_config: ml_collections.ConfigDict, name: str) -> str:
 def cached_ids(cache_dir: str | None, data_config: ml_collections.ConfigDict,
                read: Callable[[], list[str]]) -> list[str]:
   """The train image ids, kept in cache_dir/train_image_ids.txt after the first read."""
-  path = os.path.join(cache_dir, "train_image_ids.txt") if cache_dir else None
+  path = storage.join(cache_dir, "train_image_ids.txt") if cache_dir else None
   key = (f"# {data_config.name} {data_config.train_split} holdout={data_config.val_holdout} "
          f"val_list={data_config.val_list} train_list={data_config.train_list} "
          f"data_dir={data_config.data_dir} root={data_config.root}")
-  if path and os.path.isfile(path):
-    with open(path) as f:
-      lines = f.read().splitlines()
+  if path and storage.isfile(path):
+    lines = storage.read_text(path).splitlines()
     if lines and lines[0] == key:
       return lines[1:]
   ids = read()
-  if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      f.write("\n".join([key] + ids) + "\n")
-    os.replace(path + ".tmp", path)
+  if path and jax.process_index() == 0:
+    storage.write_text(path, "\n".join([key] + ids) + "\n")
   return ids
 
 
