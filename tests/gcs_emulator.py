@@ -33,6 +33,7 @@ class Bucket:
   def __init__(self, name: str):
     self.name = name
     self.objects: dict[str, tuple[bytes, int]] = {}
+    self.downloaded: set[str] = set()  # names whose content a client fetched
     self.lock = threading.Lock()
 
   def names(self, prefix: str = "") -> list[str]:
@@ -42,6 +43,10 @@ class Bucket:
   def read(self, name: str) -> bytes:
     with self.lock:
       return self.objects[name][0]
+
+  def put(self, name: str, data: bytes) -> None:
+    with self.lock:
+      self.objects[name] = (data, next(_GENERATIONS))
 
 
 def _resource(bucket: str, name: str, data: bytes, generation: int) -> dict[str, Any]:
@@ -142,6 +147,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._reply(failed, headers={"x-goog-generation": str(generation)})
       if query.get("alt") != "media":
         return self._json(200, _resource(bucket.name, name, data, generation))
+      with bucket.lock:
+        bucket.downloaded.add(name)
       headers = {"x-goog-generation": str(generation), "x-goog-metageneration": "1"}
       byte_range = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "") or "")
       if byte_range:

@@ -69,13 +69,15 @@ def test_remote_run_killed_resumed_evaluated_predicted(emulator, remote_env, dat
   env = dict(remote_env, JAX_COMPILATION_CACHE_DIR="gs://bucket/xla_cache")
   process = start_main("gs://bucket/run", ONE_STAGE, data_dir, str(cwd), env)
   kill_when(process, lambda: any(0 < s < 12 for s in committed_steps(bucket, "run")),
-             "a checkpoint in the bucket")
+            "a checkpoint in the bucket")
   killed_at = max(committed_steps(bucket, "run"))
-  assert bucket.names("xla_cache/"), "the compilation cache was not written to the bucket"
+  written = bucket.names("xla_cache/")
+  assert written, "the compilation cache was not written to the bucket"
 
   output = finish(start_main("gs://bucket/run", ONE_STAGE, data_dir, str(cwd), env))
   assert f"Resumed from step {killed_at}." in output
   assert "Evaluation at step 12" in output
+  assert bucket.downloaded & set(written), "the resumed run read nothing of the bucket's cache"
 
   # Evaluation and prediction read the bucket's checkpoint and write their results there.
   images = tmp_path / "images"
@@ -106,6 +108,7 @@ def test_remote_run_killed_resumed_evaluated_predicted(emulator, remote_env, dat
 
   reference = str(tmp_path / "reference")  # uninterrupted, local
   train.train_and_evaluate(tiny_config(data_dir, ONE_STAGE), reference)
+
   assert _leaves_equal(_restore_final(config, "gs://bucket/run"),
                        _restore_final(config, reference))
 
