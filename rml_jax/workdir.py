@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tempfile
 import zipfile
 from typing import Any
@@ -155,7 +156,7 @@ class _EventFileMirror(metric_writers.MultiWriter):
   def flush(self):
     for name in storage.listdir(self._staging):
       path = storage.join(self._staging, name)
-      size = len(storage.read_bytes(path))
+      size = os.path.getsize(path)  # the staging folder is local
       if self._copied_sizes.get(name) != size:
         storage.write_bytes(storage.join(self._target, name), storage.read_bytes(path))
         self._copied_sizes[name] = size
