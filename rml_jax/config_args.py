@@ -74,23 +74,30 @@ def split_presets(names: tuple[str, ...]) -> dict:
 
 
 def with_packaged_configs(argv: list[str]) -> list[str]:
-  """argv with `--config=configs/<file>.py[:arg]` pointing at the installed package's copy when
-  no such file exists from the working directory (a wheel install run from anywhere); the
-  configs' own `from configs import ...` then resolves to that copy as well. In a checkout, or
-  for any other path, argv is returned unchanged."""
-  out = []
-  for item in argv:
-    for prefix in ("--config=", "-config="):
-      if item.startswith(prefix):
-        path, sep, arg = item[len(prefix):].partition(":")
-        relative = os.path.normpath(path)
-        packaged = os.path.join(PACKAGED_CONFIGS, os.path.relpath(relative, "configs"))
-        if (not os.path.exists(path) and relative.startswith("configs" + os.sep)
-            and os.path.isfile(packaged)):
-          item = prefix + packaged + sep + arg
-          _alias_packaged_configs()
-    out.append(item)
+  """argv with `--config=configs/<file>.py[:arg]` (or `--config configs/...`) pointing at the
+  installed package's copy when no such file exists from the working directory (a wheel install
+  run from anywhere); the configs' own `from configs import ...` then resolves to that copy as
+  well. In a checkout, or for any other path, argv is returned unchanged."""
+  out = list(argv)
+  for i, item in enumerate(out):
+    for flag in ("--config", "-config"):
+      if item.startswith(flag + "="):
+        out[i] = flag + "=" + _packaged_config(item[len(flag) + 1:])
+      elif item == flag and i + 1 < len(out):
+        out[i + 1] = _packaged_config(out[i + 1])
   return out
+
+
+def _packaged_config(value: str) -> str:
+  """`configs/<file>.py[:arg]` -> the installed copy's path[:arg] when only that exists."""
+  path, sep, arg = value.partition(":")
+  relative = os.path.normpath(path)
+  packaged = os.path.join(PACKAGED_CONFIGS, os.path.relpath(relative, "configs"))
+  if (os.path.exists(path) or not relative.startswith("configs" + os.sep)
+      or not os.path.isfile(packaged)):
+    return value
+  _alias_packaged_configs()
+  return packaged + sep + arg
 
 
 def _alias_packaged_configs() -> None:

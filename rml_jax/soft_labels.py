@@ -119,20 +119,10 @@ class StoredLabels:
   def __init__(self, directory: str):
     self.directory = directory
     self._starts: list[int] | None = None
-    self._offsets: dict[int, tuple[int, tuple[int, ...]]] = {}
+    self._offsets: dict[int, tuple[int, tuple[int, ...]]] = {}  # file start -> (offset, shape)
 
   def __getstate__(self):
     return {"directory": self.directory, "_starts": None, "_offsets": {}}
-
-  def _data_offset(self, start: int) -> tuple[int, tuple[int, ...]]:
-    """(byte offset of row 0, shape) of the file that begins at row `start`."""
-    if start not in self._offsets:
-      with storage.open_read(_chunk_path(self.directory, start)) as f:
-        version = np.lib.format.read_magic(f)
-        shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0(f))
-        self._offsets[start] = (f.tell(), shape)
-    return self._offsets[start]
 
   def __getitem__(self, row: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (classes [H, W, 2k] uint8, probs [H, W, 2k] uint8): teacher a's k, then teacher b's."""
@@ -142,10 +132,15 @@ class StoredLabels:
         raise UserError(f"{self.directory}: no stored labels of layout {LAYOUT}")
       self._starts = list(progress["chunk_starts"])
     start = self._starts[bisect.bisect_right(self._starts, row) - 1]
-    offset, shape = self._data_offset(start)
-    row_shape = shape[1:]  # [2, 2, H, W, k]
-    row_bytes = int(np.prod(row_shape))
     with storage.open_read(_chunk_path(self.directory, start)) as f:
+      if start not in self._offsets:  # the file's header: where row 0 begins, and the shape
+        version = np.lib.format.read_magic(f)
+        shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+        self._offsets[start] = (f.tell(), shape)
+      offset, shape = self._offsets[start]
+      row_shape = shape[1:]  # [2, 2, H, W, k]
+      row_bytes = int(np.prod(row_shape))
       f.seek(offset + (row - start) * row_bytes)
       item = np.frombuffer(f.read(row_bytes), np.uint8).reshape(row_shape)
     classes, probs = item[0], item[1]  # [2, H, W, k] each

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from typing import Any
@@ -142,11 +143,11 @@ class Workdir:
     self.checkpointer.close()
 
 
-
 class _EventFileMirror(metric_writers.MultiWriter):
   """A writer that writes nothing itself: flush() and close() copy the event files of the
-  local folder `staging` that changed since the last copy to the folder `target`. Placed after
-  the SummaryWriter of `staging` in a MultiWriter, so each copy follows that writer's flush."""
+  local folder `staging` that changed since the last copy to the folder `target` (close()
+  then removes `staging`). Placed after the SummaryWriter of `staging` in a MultiWriter, so
+  each copy follows that writer's flush and close."""
 
   def __init__(self, staging: str, target: str):
     super().__init__([])
@@ -163,3 +164,4 @@ class _EventFileMirror(metric_writers.MultiWriter):
 
   def close(self):
     self.flush()
+    shutil.rmtree(self._staging, ignore_errors=True)  # every event file is in the workdir now

@@ -61,6 +61,8 @@ def test_wheel_runs_the_readme_command_from_another_directory(data_dir, tmp_path
       "from rml_jax.datasets import splits\n"
       "path = config_args.with_packaged_configs(['x', '--config=configs/city.py'])[1][9:]\n"
       "assert path.startswith(sys.prefix), path\n"
+      "spaced = config_args.with_packaged_configs(['x', '--config', 'configs/city.py:a=1'])\n"
+      "assert spaced[1:] == ['--config', path + ':a=1'], spaced\n"
       "spec = importlib.util.spec_from_file_location('city', path)\n"
       "module = importlib.util.module_from_spec(spec)\n"
       "spec.loader.exec_module(module)\n"
