@@ -43,7 +43,40 @@ def test_ablation_summary_means_and_spreads():
   assert sup["teacher_std"] == pytest.approx(np.std([39.0, 35.0], ddof=1))
   assert sup["student_mean"] == pytest.approx(36.0) and iml["teacher_std"] == 0.0
   text = ablation.markdown(table, "digits.py", "note")
-  assert "| IML, no noise | 1 | 44.00 ± 0.00 | 43.00 ± 0.00 | +7.00 |" in text
+  assert "| IML, no noise | 1 | 44.00 ± 0.00 | 43.00 ± 0.00 | +7.00 |  |  |" in text
+
+
+def test_ablation_reads_coupling_from_the_event_files(tmp_path):
+  from clu import metric_writers
+
+  writer = metric_writers.create_default_writer(str(tmp_path))
+  for step, tv, disagreement in ((50, 0.3, 0.2), (100, 0.1, 0.05), (150, 0.08, 0.04)):
+    writer.write_scalars(step, {"teacher_tv": tv, "teacher_disagreement": disagreement,
+                                "loss_a": 1.0})
+  writer.write_scalars(100, {"teacher_tv": 0.12})  # a resumed run repeats a step: last wins
+  writer.close()
+  scalars = ablation.train_scalars(str(tmp_path), ablation.COUPLING_TAGS)
+  assert set(scalars) == set(ablation.COUPLING_TAGS)
+  assert scalars["teacher_tv"] == pytest.approx({50: 0.3, 100: 0.12, 150: 0.08})
+  summary = ablation.coupling_summary(scalars)
+  assert summary == pytest.approx({"tv_first": 0.3, "tv_last": 0.08, "disagreement_last": 0.04})
+  assert np.isnan(ablation.coupling_summary({})["tv_first"])  # the supervised rung logs none
+  rows = [{"rung": "iml_input_noise", "seed": s, "teacher_a": 50, "teacher_b": 50,
+           "student_a": 50, "student_b": 50, **summary} for s in (0, 1)]
+  text = ablation.markdown(ablation.summarize(rows), "digits.py", "note")
+  assert "| 0.300 / 0.080 | 0.040 |" in text
+
+
+def test_model_noise_rungs_differ_only_in_the_survival_schedule():
+  base = digits.get_config()
+  uniform = ablation.rung_config(base, "rml", seed=0)
+  linear = ablation.rung_config(base, "rml_linear", seed=0)
+  assert (uniform.model.survival_schedule, linear.model.survival_schedule) == ("uniform",
+                                                                                "linear")
+  linear.model.survival_schedule = "uniform"
+  assert linear.to_dict() == uniform.to_dict()
+  assert base.augment.strong_views == "per_student"
+  assert ablation.rung_config(base, "iml_shared_view", 0).augment.strong_views == "shared"
 
 
 def test_coupling_measures_match_numpy():
