@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
       momentum=0.9,  # sgd only
       weight_decay=5e-4,
       decay_all_params=False,  # False: kernels only (no decay on biases, norms, embeddings)
+      # Per-group learning rates: (regex, multiplier) pairs matched against each parameter's
+      # path ('decoder/refinenet1/out_conv/kernel'); the first match wins, the rest get 1x.
+      lr_multipliers=(),
       poly_power=0.9,  # lr * (1 - t / total_steps) ** poly_power
       warmup_steps=0,  # linear warm-up before the decay
   ))

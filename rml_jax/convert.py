@@ -3,12 +3,14 @@
   python -m rml_jax.convert --arch=resnet101 --src=resnet101-63fe2227.pth --out=r101.npz
   python -m rml_jax.convert --arch=vit --src=ViT-B_16.npz --out=vit_b16.npz
   python -m rml_jax.convert --arch=vit --src=vit_base_patch16_224.safetensors --out=vit_b16.npz
+  python -m rml_jax.convert --arch=dinov2 --src=dinov2_vitb14_pretrain.pth --out=dinov2_b14.npz
 
-Sources: torchvision-format ResNet state dicts and timm-format ViT state dicts (`.pth` through
-torch when it is installed, `.safetensors` or `.npz` without it), and ViT checkpoints in the
-`.npz` layout of the original ViT / AugReg releases. The output is an `.npz` of flat keys
-`params/<module path>` and `batch_stats/<module path>` in this project's layout (ResNet under
-`backbone`, ViT under `encoder`); heads are never converted, so they stay freshly initialised.
+Sources: torchvision-format ResNet state dicts, timm-format ViT state dicts and the published
+DINOv2 checkpoints (with or without registers) (`.pth` through torch when it is installed,
+`.safetensors` or `.npz` without it), and ViT checkpoints in the `.npz` layout of the original
+ViT / AugReg releases. The output is an `.npz` of flat keys `params/<module path>` and
+`batch_stats/<module path>` in this project's layout (ResNet under `backbone`, ViT and DINOv2
+under `encoder`); heads and decoders are never converted, so they stay freshly initialised.
 Every source key that is not used is listed.
 """
 
@@ -115,21 +117,30 @@ def resnet_from_torch(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def vit_from_timm(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
-  """timm VisionTransformer state dict -> ({'params': {'encoder': ...}}, unused keys)."""
+def encoder_from_torch(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
+  """A ViT state dict with timm's / DINOv2's key names -> ({'params': {'encoder': ...}}, unused).
+
+  cls_token, pos_embed, register_tokens, patch_embed.proj.*, norm.*, and per block
+  blocks.{i}.{norm1,attn.qkv,attn.proj,mlp.fc1,mlp.fc2}.{weight,bias} and {ls1,ls2}.gamma (also
+  the chunked form blocks.{chunk}.{i}.*). Linear weights [out, in] -> kernels [in, out], the
+  patch convolution [D, 3, p, p] -> [p, p, 3, D]. Anything else is returned as unused.
+  """
   flat: dict[str, np.ndarray] = {}
   unused = []
   for key, value in state.items():
-    if key == "cls_token" or key == "pos_embed":
+    if key in ("cls_token", "pos_embed", "register_tokens"):
       flat[f"encoder/{key}"] = value
     elif key == "patch_embed.proj.weight":
       flat["encoder/patch_embed/kernel"] = value.transpose(2, 3, 1, 0)
     elif key == "patch_embed.proj.bias":
       flat["encoder/patch_embed/bias"] = value
-    elif key.startswith("norm."):
+    elif key in ("norm.weight", "norm.bias"):
       flat[f"encoder/norm/{'scale' if key.endswith('weight') else 'bias'}"] = value
-    elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|"
-                               r"mlp\.fc2)\.(weight|bias)", key):
+    elif match := re.fullmatch(r"blocks\.(?:\d+\.)?(\d+)\.(ls1|ls2)\.gamma", key):
+      index, module = match.groups()
+      flat[f"encoder/blocks_{index}/{module}/gamma"] = value
+    elif match := re.fullmatch(r"blocks\.(?:\d+\.)?(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|"
+                               r"mlp\.fc1|mlp\.fc2)\.(weight|bias)", key):
       index, module, field = match.groups()
       path = f"encoder/blocks_{index}/{module.replace('.', '/')}"
       if module.startswith("norm"):
@@ -140,6 +151,11 @@ def vit_from_timm(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
     else:
       unused.append(key)
   return {"params": unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})}, unused
+
+
+def vit_from_timm(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
+  """timm VisionTransformer state dict -> ({'params': {'encoder': ...}}, unused keys)."""
+  return encoder_from_torch(state)
 
 
 def vit_from_original_npz(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
@@ -190,7 +206,44 @@ def vit_from_original_npz(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]
   return tree, unused + more_unused
 
 
-ARCHS = ("resnet50", "resnet101", "vit")
+# ---------------------------------------------------------------------------------------------
+# DINOv2 (the published facebookresearch/dinov2 checkpoints).
+# ---------------------------------------------------------------------------------------------
+
+# (hidden size, depth) -> (published name, published parameter count in millions).
+DINOV2_PUBLISHED = {(384, 12): ("ViT-S/14", 21), (768, 12): ("ViT-B/14", 86),
+                    (1024, 24): ("ViT-L/14", 300), (1536, 40): ("ViT-g/14", 1100)}
+
+
+def dinov2_from_torch(state: dict[str, np.ndarray]) -> tuple[Tree, list[str]]:
+  """A published DINOv2 state dict -> ({'params': {'encoder': ...}}, unused keys).
+
+  The published keys are timm's plus register_tokens and LayerScale's ls1 / ls2.gamma
+  (`encoder_from_torch`); mask_token (masked-image pretraining only) and ViT-g's SwiGLU MLPs
+  (mlp.w12, mlp.w3) come back unused.
+  """
+  return encoder_from_torch(state)
+
+
+def dinov2_description(variables: Tree) -> str:
+  """'ViT-B/14, 4 registers (published: 86M parameters; models: dpt_dinov2_vitb14_reg4)' for a
+  converted DINOv2 encoder, from its shapes."""
+  encoder = variables["params"]["encoder"]
+  width = encoder["cls_token"].shape[-1]
+  depth = sum(1 for name in encoder if name.startswith("blocks_"))
+  registers = encoder["register_tokens"].shape[1] if "register_tokens" in encoder else 0
+  name, published = DINOV2_PUBLISHED.get((width, depth), (f"width {width}, depth {depth}", None))
+  model = (f"dpt_dinov2_{name.lower().replace('-', '').replace('/', '')}"
+           if published and width != 1536 else None)  # no ViT-g model (SwiGLU MLPs)
+  parts = [name + (f", {registers} registers" if registers else "")]
+  if published:
+    parts.append(f"published: {published}M parameters")
+  if model:
+    parts.append(f"model: {model}{'_reg4' if registers == 4 else ''}")
+  return f"{parts[0]} ({'; '.join(parts[1:])})" if len(parts) > 1 else parts[0]
+
+
+ARCHS = ("resnet50", "resnet101", "vit", "dinov2")
 
 
 def convert(arch: str, src: str, out: str) -> list[str]:
@@ -201,6 +254,13 @@ def convert(arch: str, src: str, out: str) -> list[str]:
   elif arch == "vit":
     is_original = any(k.startswith("Transformer/") for k in state)
     variables, unused = (vit_from_original_npz if is_original else vit_from_timm)(state)
+  elif arch == "dinov2":
+    variables, unused = dinov2_from_torch(state)
+    encoder = variables["params"].get("encoder", {})
+    if encoder and ("cls_token" not in encoder or not any(k.startswith("blocks_")
+                                                          for k in encoder)):
+      raise UserError(f"--src: {src} is not a DINOv2 checkpoint (no cls_token or blocks.*; "
+                      f"first keys: {sorted(state)[:3]})")
   else:
     raise UserError(f"--arch: expected one of {sorted(ARCHS)}, got {arch!r}")
   if not flatten(variables):
@@ -225,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
   variables = load(args.out)
   count = sum(v.size for v in flatten(variables.get("params", {})).values())
   print(f"Wrote {args.out}: {count:,} parameters ({count / 1e6:.1f}M).")
+  if args.arch == "dinov2":
+    print(f"DINOv2 {dinov2_description(variables)}.")
   if unused:
     print(f"Unused source keys ({len(unused)}): {', '.join(unused)}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from typing import Any, Callable
 
 import ml_collections
@@ -119,6 +120,21 @@ def ordered_pair(low: float, high: float, low_open: bool = False) -> Check:
   return check
 
 
+def lr_multiplier() -> Check:
+  """(regex, multiplier > 0) with a regex that compiles."""
+
+  def check(value):
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not isinstance(value[0], str)
+        or not _is_number(value[1]) or value[1] <= 0):
+      return "(regex, multiplier > 0)"
+    try:
+      re.compile(value[0])
+    except re.error as e:
+      return f"a valid regex ({e})"
+    return None
+  return check
+
+
 # ---------------------------------------------------------------------------------------------
 # The rules, one per key of configs/default.py.
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +198,8 @@ RULES: dict[str, Check] = {
     "optimizer.momentum": number(0.0, 1.0, high_open=True),
     "optimizer.weight_decay": number(0.0),
     "optimizer.decay_all_params": boolean(),
+    "optimizer.lr_multipliers": sequence(None, lr_multiplier(), "a tuple of (regex, multiplier) "
+                                         "pairs, e.g. (('^(decoder|classifier)/', 40.0),)"),
     "optimizer.poly_power": number(0.0),
     "optimizer.warmup_steps": integer(0),
     "rml.mode": choice(*MODES),
@@ -241,10 +259,21 @@ RELATIONS = (
     Relation("data.train_list", lambda c: not c.data.train_list or bool(c.data.val_list),
              "expected '' without data.val_list"),
     Relation("mesh.data", lambda c: c.mesh.data != 0, "expected -1 (all devices) or >= 1"),
+    Relation("data.crop_size", lambda c: _fits_patches(c, c.data.crop_size),
+             "expected (h, w) multiples of the students' patch size (DINOv2: 14)"),
+    Relation("eval.window", lambda c: c.eval.window is None or _fits_patches(c, c.eval.window),
+             "expected None or (h, w) multiples of the students' patch size (DINOv2: 14)"),
     Relation("num_image_summaries",
              lambda c: c.num_image_summaries <= c.eval_batch_size,
              "expected at most eval_batch_size (the summaries come from one eval batch)"),
 )
+
+
+def _fits_patches(config: ml_collections.ConfigDict, size) -> bool:
+  """Whether (h, w) are multiples of the patch size of every student that needs it."""
+  names = [config.model.name, config.model_b.name or config.model.name]
+  multiple = max(models.input_multiple(name) for name in names if name in models.MODELS)
+  return all(int(side) % multiple == 0 for side in size)
 
 
 def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -76,37 +77,82 @@ def decays(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
+def _path_text(path) -> str:
+  """A tree path as 'encoder/blocks_0/attn/qkv/kernel'."""
+  return "/".join(str(getattr(entry, "key", entry)) for entry in path)
+
+
+def _in_frozen_bn(path) -> bool:
+  """Whether the leaf is the scale or bias of a batch norm inside a pretrained backbone."""
+  names = [getattr(entry, "key", "") for entry in path]
+  return "backbone" in names and any(n.startswith(("bn", "downsample_bn")) for n in names)
+
+
 def frozen_bn_labels(params: PyTree) -> PyTree:
   """'frozen' for the scale and bias of every batch norm inside a pretrained backbone
   (`backbone/.../bn*`), 'train' for everything else."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if _in_frozen_bn(path) else "train", params)
+
+
+def lr_multiplier_of(path: str, multipliers: Sequence[tuple[str, float]]) -> float:
+  """The learning-rate multiplier of the parameter at `path`: the first (regex, multiplier) of
+  config.optimizer.lr_multipliers whose regex matches somewhere in the path, else 1."""
+  for pattern, multiplier in multipliers:
+    if re.search(pattern, path):
+      return float(multiplier)
+  return 1.0
+
+
+def parameter_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+  """Each leaf's optimizer group: 'frozen' (a frozen backbone batch norm's scale or bias, when
+  config.model.frozen_bn and not train_bn_affine), else `group_name` of its multiplier."""
+  freeze = config.model.frozen_bn and not config.model.train_bn_affine
+  multipliers = tuple(config.optimizer.lr_multipliers)
 
   def label(path, _) -> str:
-    names = [getattr(entry, "key", "") for entry in path]
-    in_backbone_bn = "backbone" in names and any(n.startswith(("bn", "downsample_bn"))
-                                                 for n in names)
-    return "frozen" if in_backbone_bn else "train"
+    if freeze and _in_frozen_bn(path):
+      return "frozen"
+    return group_name(lr_multiplier_of(_path_text(path), multipliers))
 
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def group_name(multiplier: float) -> str:
+  """'train' for the base learning rate (the optimizer state's key since before groups
+  existed, so older checkpoints restore), else 'lr_x<multiplier>'."""
+  return "train" if multiplier == 1.0 else f"lr_x{multiplier:g}"
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay (the paper's solver), or AdamW.
+  """SGD with momentum and L2 weight decay (the paper's solver), or AdamW (decoupled decay).
 
   Weight decay reaches the kernels only (`decays`) unless config.optimizer.decay_all_params.
-  With config.model.frozen_bn and not config.model.train_bn_affine, the backbone's batch-norm
-  scales and biases stay fixed too (DeepLab's fine-tuning).
+  Parameter groups (`parameter_groups`): each config.optimizer.lr_multipliers pattern's
+  parameters follow the schedule times its multiplier (decay scaled with it, as torch's
+  per-group lr does); with config.model.frozen_bn and not config.model.train_bn_affine, the
+  backbone's batch-norm scales and biases stay fixed (DeepLab's fine-tuning).
   """
   opt = config.optimizer
-  schedule = learning_rate_schedule(config)
   mask = None if opt.decay_all_params else decays
-  if opt.name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=mask),
-                     optax.sgd(schedule, momentum=opt.momentum, nesterov=False))
-  else:  # "adamw" (schema.validate)
-    tx = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=mask)
-  if config.model.frozen_bn and not config.model.train_bn_affine:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_bn_labels)
-  return tx
+
+  def solver(multiplier: float) -> optax.GradientTransformation:
+    base = learning_rate_schedule(config)
+    schedule = base if multiplier == 1.0 else (lambda count: base(count) * multiplier)
+    if opt.name == "sgd":
+      return optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=mask),
+                         optax.sgd(schedule, momentum=opt.momentum, nesterov=False))
+    return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=mask)  # "adamw"
+
+  multipliers = {1.0} | {float(m) for _, m in opt.lr_multipliers}
+  freeze = config.model.frozen_bn and not config.model.train_bn_affine
+  if multipliers == {1.0} and not freeze:
+    return solver(1.0)
+  transforms = {group_name(m): solver(m) for m in sorted(multipliers)}
+  if freeze:
+    transforms["frozen"] = optax.set_to_zero()
+  return optax.multi_transform(transforms,
+                               functools.partial(parameter_groups, config=config))
 
 
 def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, ...]:

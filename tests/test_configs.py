@@ -7,13 +7,16 @@ import os
 
 import pytest
 
-from configs import city, city_setr, digits, folder, voc
+from configs import city, city_dinov2, city_setr, digits, folder, voc, voc_dinov2
 from rml_jax import models, schema, state, step
 from rml_jax.datasets import splits
 
 CASES = ([(digits, a) for a in ("", "tiny")] + [(city, a) for a in city.SPLITS + ("full", "cpu")]
          + [(city_setr, a) for a in ("", "1_30", "cpu")] + [(voc, a) for a in voc.SPLITS + ("cpu",)]
-         + [(folder, "isbi,data.root=/data/isbi")])
+         + [(folder, "isbi,data.root=/data/isbi")]
+         + [(city_dinov2, a) for a in (*city_dinov2.SPLITS, "deeplab", "iml,small", "large",
+                                       "cpu", "cpu,deeplab")]
+         + [(voc_dinov2, a) for a in (*voc_dinov2.SPLITS, "deeplab", "cpu")])
 
 
 @pytest.mark.parametrize("module, arg", CASES)
@@ -26,6 +29,32 @@ def test_config_loads_with_known_models_and_splits(module, arg):
   if config.data.split:
     folder_path = splits.split_folder(config.data, config.data.split)
     assert os.path.isfile(os.path.join(folder_path, "labeled.txt"))
+
+
+def test_dinov2_configs_follow_unimatch_v2():
+  """Splits, schedule (epochs over the unlabeled images), crops, groups and the pairs."""
+  config = city_dinov2.get_config()
+  assert (config.model.name, config.model_b.name, config.rml.mode) == (
+      "dpt_dinov2_vitb14", "", "rml")
+  assert config.data.crop_size == (798, 798) and config.eval.protocol == "sliding"
+  assert config.total_steps == 180 * ((2975 - 372) // 8) == 58_500
+  labeled = splits.read_ids(os.path.join(splits.split_folder(config.data, "1_16"),
+                                         "labeled.txt"))
+  assert len(labeled) == 186
+  assert city_dinov2.get_config("1_2").total_steps == 180 * (1487 // 8)
+  model_a, model_b = state.build_models(city_dinov2.get_config("deeplab"), 19)
+  assert (type(model_a).__name__, type(model_b).__name__) == ("DPTDinoV2", "DeepLabV2")
+  multipliers = config.optimizer.lr_multipliers
+  assert state.lr_multiplier_of("decoder/layer1_rn/kernel", multipliers) == 40.0
+  assert state.lr_multiplier_of("head/branch0/kernel", multipliers) == 40.0  # DeepLabv2's ASPP
+  assert state.lr_multiplier_of("encoder/blocks_0/ls1/gamma", multipliers) == 1.0
+  assert state.lr_multiplier_of("backbone/layer1_0/conv1/kernel", multipliers) == 1.0
+  voc_config = voc_dinov2.get_config("92")
+  assert voc_config.data.split == "1_16" and voc_config.data.crop_size == (518, 518)
+  assert voc_config.total_steps == 60 * ((10582 - 92) // 16)
+  assert len(splits.read_ids(os.path.join(splits.split_folder(voc_config.data, "1_1"),
+                                          "labeled.txt"))) == 1464
+  assert all(side % 14 == 0 for side in voc_config.eval.pad_to)
 
 
 def test_city_setr_pairs_deeplabv2_with_setr_without_noise():

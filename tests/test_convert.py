@@ -8,6 +8,7 @@ import pytest
 
 from rml_jax import convert, weights
 from rml_jax.errors import UserError
+from rml_jax.models.dinov2 import DinoV2
 from rml_jax.models.resnet import ResNet
 from rml_jax.models.vit import VisionTransformer
 
@@ -223,3 +224,87 @@ def test_vit_encoder_sizes_match_the_published_ones(name, published):
   print(f"{name} encoder: {encoder / 1e6:.1f}M parameters (published about "
         f"{published / 1e6:.0f}M)")
   assert abs(encoder - published) / published < 0.01
+
+
+def _dinov2_reference(registers: int, seed: int = 4):
+  torch.manual_seed(seed)
+  return torch_reference.DinoVisionTransformer(dim=384, depth=12, heads=6,
+                                               registers=registers).eval()
+
+
+@pytest.mark.parametrize("name,registers", [("dpt_dinov2_vits14", 0),
+                                            ("dpt_dinov2_vits14_reg4", 4)])
+def test_dinov2_import_matches_torch_at_a_resampled_grid(name, registers):
+  """ViT-S/14 from published-layout keys at 252 x 504 (the 37 x 37 position grid resampled to
+  18 x 36): final and intermediate features within 1e-4 of the torch reference."""
+  from rml_jax import models
+
+  reference = _dinov2_reference(registers)
+  images = np.random.default_rng(2).normal(size=(2, 252, 504, 3)).astype(np.float32)
+  blocks = (2, 5, 8, 11)
+  with torch.no_grad():
+    want = [t.numpy() for t in reference(torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                                         blocks)]
+  variables, unused = convert.dinov2_from_torch(_state_dict(reference))
+  assert unused == ["mask_token"]
+  model = models.MODELS[name](num_classes=19)
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 252, 504, 3))))
+  merged, kept = weights.merge_pretrained(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init), variables, name)
+  assert kept and all(not k.startswith("params/encoder") for k in kept)  # the decoder only
+  got = DinoV2(384, 12, 6, blocks, registers, interpolate_offset=model.interpolate_offset,
+               interpolate_antialias=model.interpolate_antialias).apply(
+                   {"params": merged["params"]["encoder"]}, images, train=False)
+  assert len(got) == len(want)
+  for block, g, w in zip(blocks, got, want):
+    assert g.shape == w.shape == (2, 18, 36, 384), block
+    assert _relative_error(np.asarray(g), w) < 1e-4, (block, _relative_error(np.asarray(g), w))
+
+
+# Encoder / decoder sizes: DINOv2's README (21M, 86M, 300M, rounded) and UniMatch V2's training
+# logs (encoder 22.1M and 86.6M, DPT decoder 2.7M and 10.9M for S and B). The logged decoders
+# count one residual unit that the reference builds but never calls (refinenet4's first:
+# the coarsest fusion block has no skip input); this model does not create it.
+@pytest.mark.parametrize("name,published,logged_encoder,logged_decoder", [
+    ("dpt_dinov2_vits14", 21e6, 22.1e6, 2.7e6), ("dpt_dinov2_vitb14", 86e6, 86.6e6, 10.9e6),
+    ("dpt_dinov2_vitl14", 300e6, None, None), ("dpt_dinov2_vitb14_reg4", 86e6, 86.6e6, 10.9e6)])
+def test_dinov2_sizes_match_the_published_ones(name, published, logged_encoder, logged_decoder):
+  from rml_jax import models
+
+  model = models.MODELS[name](num_classes=21)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1, 56, 56, 3)))
+  count = lambda tree: sum(np.prod(s.shape) for s in jax.tree.leaves(tree))  # noqa: E731
+  encoder = count(shapes["params"]["encoder"])
+  decoder = count(shapes["params"]) - encoder
+  print(f"{name}: encoder {encoder / 1e6:.2f}M (published {published / 1e6:.0f}M), "
+        f"decoder + classifier {decoder / 1e6:.2f}M")
+  assert abs(encoder - published) / published < 0.06
+  if logged_encoder:
+    assert round(encoder / 1e5) == round(logged_encoder / 1e5)
+    unused_unit = 2 * (9 * model.features**2 + model.features)  # two 3x3 convs with bias
+    assert round((decoder + unused_unit) / 1e5) == round(logged_decoder / 1e5)
+
+
+def test_a_dinov2_checkpoint_of_another_size_names_the_parameter(tmp_path, capsys):
+  """ViT-S weights converted through the CLI from a .pth, loaded into the ViT-B model: one line
+  naming the first mismatching parameter and both shapes."""
+  from rml_jax import models
+
+  reference = _dinov2_reference(registers=0)
+  src = str(tmp_path / "dinov2_vits14_pretrain.pth")
+  torch.save(reference.state_dict(), src)
+  out = str(tmp_path / "dinov2_s14.npz")
+  convert.main(["--arch=dinov2", f"--src={src}", f"--out={out}"])
+  printed = capsys.readouterr().out
+  assert "ViT-S/14 (published: 21M parameters; model: dpt_dinov2_vits14)" in printed
+  assert "Unused source keys (1): mask_token" in printed
+  model = models.MODELS["dpt_dinov2_vitb14"](num_classes=19)
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 56, 56, 3))))
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
+  with pytest.raises(UserError, match=r"^dinov2_s14.npz: parameter params/encoder/\S+ has shape "
+                                      r"\(.*384.*\) but the model expects \(.*768.*\)$"):
+    weights.merge_pretrained(target, weights.load(out), "dinov2_s14.npz")
+  with pytest.raises(SystemExit):  # a ResNet checkpoint is not a DINOv2 one
+    torch.save(torch_reference.ResNet((1, 1, 1, 1)).state_dict(), str(tmp_path / "r.pth"))
+    convert.main(["--arch=dinov2", f"--src={tmp_path / 'r.pth'}", f"--out={out}"])
+  assert "has no dinov2 parameters" in capsys.readouterr().err

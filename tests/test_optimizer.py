@@ -74,3 +74,41 @@ def test_setr_decoder_batch_norm_is_never_frozen():
             jax.tree_util.tree_flatten_with_path(state.frozen_bn_labels(params))[0]}
   assert set(labels.values()) == {"train"}
   assert any("decode_bn" in p for p in labels)
+
+
+def test_parameter_groups_scale_the_adamw_step_per_pattern():
+  """AdamW's first step written out, -lr_group * (g / (|g| + eps) + wd * w), with the decoder
+  and classifier at 40x the encoder's rate (UniMatch V2's groups), all leaves decayed."""
+  config = digits.get_config("model.name=dpt_dinov2_tiny,optimizer.warmup_steps=0,"
+                             "optimizer.weight_decay=0.01")
+  config.optimizer.lr_multipliers = (("^(decoder|classifier)/", 40.0),)
+  lr, wd = config.optimizer.learning_rate, config.optimizer.weight_decay
+  model = models.build_model(config.model, 3)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 56, 56, 3)))["params"]
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  tx = state.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  values, gradients = _paths(params), _paths(grads)
+  groups = set()
+  for path, update in _paths(updates).items():
+    multiplier = 1.0 if path.startswith("['encoder']") else 40.0
+    groups.add(multiplier)
+    g, w = gradients[path], values[path]
+    want = -lr * multiplier * (g / (np.abs(g) + 1e-8) + wd * w)
+    np.testing.assert_allclose(update, want, rtol=2e-4, atol=1e-9, err_msg=path)
+  assert groups == {1.0, 40.0}
+  assert state.lr_multiplier_of("decoder/refinenet1/out_conv/kernel",
+                                config.optimizer.lr_multipliers) == 40.0
+  assert state.lr_multiplier_of("encoder/blocks_0/attn/qkv/kernel",
+                                config.optimizer.lr_multipliers) == 1.0
+
+
+def test_groups_keep_the_optimizer_state_of_a_config_without_them():
+  """No multipliers: the state is optax's plain one (or {'train', 'frozen'} with frozen batch
+  norm), so checkpoints written before groups existed restore."""
+  config = city.get_config("cpu")  # frozen_bn=True
+  params = _params(config)
+  opt_state = state.make_optimizer(config).init(params)
+  assert set(opt_state.inner_states) == {"train", "frozen"}
+  plain = digits.get_config()
+  assert not hasattr(state.make_optimizer(plain).init(_params(plain)), "inner_states")

@@ -48,7 +48,7 @@ def test_indices_from_folder_and_one_line_errors(tmp_path):
 def test_unknown_split_name_lists_the_available_ones():
   config = ml_collections.ConfigDict(dict(name="cityscapes", split_dir=""))
   with pytest.raises(UserError, match=r"config.data.split='1_3': no .*labeled.txt; expected one "
-                     r"of \['1_30', '1_4', '1_8'\]"):
+                     r"of \['1_16', '1_2', '1_30', '1_4', '1_8'\]"):
     splits.split_folder(config, "1_3")
 
 
@@ -64,6 +64,10 @@ def test_make_split_is_seeded_and_disjoint():
     ("cityscapes", "1_30", 100, 2975), ("cityscapes", "1_8", 372, 2975),
     ("cityscapes", "1_4", 744, 2975), ("voc_aug", "1_100", 15, 1464),
     ("voc_aug", "1_50", 29, 1464), ("voc_aug", "1_20", 73, 1464), ("voc_aug", "1_8", 183, 1464),
+    # UniMatch V2's sizes, for the DINOv2 configs
+    ("cityscapes", "1_16", 186, 2975), ("cityscapes", "1_2", 1488, 2975),
+    ("voc_aug", "1_16", 92, 1464), ("voc_aug", "1_4", 366, 1464), ("voc_aug", "1_2", 732, 1464),
+    ("voc_aug", "1_1", 1464, 1464),
 ])
 def test_shipped_splits_have_the_paper_sizes_and_come_from_the_script(dataset, name, count, pool):
   train_ids = splits.read_ids(os.path.join(SPLITS, dataset, "train_ids.txt"))

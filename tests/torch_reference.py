@@ -137,3 +137,74 @@ class VisionTransformer(nn.Module):
     x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
     x = self.norm(self.blocks(x))
     return x[:, 1:].reshape(x.shape[0], *self.grid, -1)
+
+
+class DinoLayerScale(nn.Module):
+  def __init__(self, dim):
+    super().__init__()
+    self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+
+class DinoBlock(nn.Module):
+  """The published DINOv2 block's names: norm1, attn.qkv, attn.proj, ls1, norm2, mlp, ls2."""
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = Attention(dim, heads)
+    self.ls1 = DinoLayerScale(dim)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = Mlp(dim, dim * 4)
+    self.ls2 = DinoLayerScale(dim)
+
+  def forward(self, x):
+    x = x + self.ls1.gamma * self.attn(self.norm1(x))
+    return x + self.ls2.gamma * self.mlp(self.norm2(x))
+
+
+class DinoVisionTransformer(nn.Module):
+  """The published DINOv2 ViT's state-dict keys (cls_token, pos_embed for a 37 x 37 grid,
+  mask_token, register_tokens, patch_embed.proj, blocks.i, norm) and its token order and
+  position-embedding resampling: F.interpolate bicubic with scale factor (grid + 0.1) / 37
+  without registers, with the output size and antialiasing with them. `forward` returns the
+  final-normed patch tokens [N, h, w, D] after each block in `out_blocks`."""
+
+  def __init__(self, dim=384, depth=12, heads=6, registers=0, patch=14, pos_grid=37):
+    super().__init__()
+    self.patch, self.registers, self.pos_grid = patch, registers, pos_grid
+    self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+    self.pos_embed = nn.Parameter(torch.randn(1, 1 + pos_grid**2, dim) * 0.02)
+    self.mask_token = nn.Parameter(torch.zeros(1, dim))
+    if registers:
+      self.register_tokens = nn.Parameter(torch.randn(1, registers, dim) * 0.02)
+    self.patch_embed = PatchEmbed(patch, dim)
+    self.blocks = nn.ModuleList([DinoBlock(dim, heads) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+  def position_embedding(self, h, w):
+    if (h, w) == (self.pos_grid, self.pos_grid):
+      return self.pos_embed
+    m, dim = self.pos_grid, self.pos_embed.shape[-1]
+    grid = self.pos_embed[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if self.registers:  # the _reg checkpoints: output size, antialiased
+      grid = nn.functional.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
+    else:
+      grid = nn.functional.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m),
+                                       mode="bicubic", antialias=False)
+    assert grid.shape[-2:] == (h, w)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+    return torch.cat([self.pos_embed[:, :1], grid], dim=1)
+
+  def forward(self, x, out_blocks):
+    n, _, height, width = x.shape
+    h, w = height // self.patch, width // self.patch
+    x = self.patch_embed(x)
+    x = torch.cat([self.cls_token.expand(n, -1, -1), x], 1) + self.position_embedding(h, w)
+    if self.registers:
+      x = torch.cat([x[:, :1], self.register_tokens.expand(n, -1, -1), x[:, 1:]], 1)
+    outputs = []
+    for i, block in enumerate(self.blocks):
+      x = block(x)
+      if i in out_blocks:
+        outputs.append(self.norm(x)[:, 1 + self.registers:].reshape(n, h, w, -1))
+    return outputs

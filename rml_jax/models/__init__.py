@@ -11,6 +11,7 @@ import ml_collections
 
 from rml_jax.errors import UserError
 from rml_jax.models.deeplabv2 import DeepLabV2
+from rml_jax.models.dpt import DPTDinoV2
 from rml_jax.models.resnet import ACTIVATIONS as ACTIVATIONS  # config.model.activation
 from rml_jax.models.resnet import SURVIVAL_SCHEDULES as SURVIVAL_SCHEDULES
 from rml_jax.models.setr import SETR
@@ -37,6 +38,38 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "setr_naive_tiny": functools.partial(SETR, decoder="naive", patch_size=8, hidden_size=96,
                                          depth=4, num_heads=4, decoder_width=64),
 }
+
+# DINOv2 encoders with a DPT decoder: encoder sizes as published (ViT-S/B/L, patch 14, 37 x 37
+# position grid), the blocks the decoder reads and its widths as UniMatch V2's model_configs;
+# `_reg4`: the checkpoints with 4 register tokens (published with the output-size, antialiased
+# position-embedding resampling).
+DINOV2_SIZES = {
+    "vits14": dict(hidden_size=384, depth=12, num_heads=6, out_blocks=(2, 5, 8, 11),
+                   features=64, out_channels=(48, 96, 192, 384)),
+    "vitb14": dict(hidden_size=768, depth=12, num_heads=12, out_blocks=(2, 5, 8, 11),
+                   features=128, out_channels=(96, 192, 384, 768)),
+    "vitl14": dict(hidden_size=1024, depth=24, num_heads=16, out_blocks=(4, 11, 17, 23),
+                   features=256, out_channels=(256, 512, 1024, 1024)),
+}
+for _size, _arch in DINOV2_SIZES.items():
+  MODELS[f"dpt_dinov2_{_size}"] = functools.partial(DPTDinoV2, **_arch)
+  MODELS[f"dpt_dinov2_{_size}_reg4"] = functools.partial(
+      DPTDinoV2, num_registers=4, interpolate_offset=0.0, interpolate_antialias=True, **_arch)
+# CPU-sized DINOv2 + DPT for tests and the embedded demos: width 48, 4 blocks, 4 x 4 grid.
+MODELS["dpt_dinov2_tiny"] = functools.partial(
+    DPTDinoV2, hidden_size=48, depth=4, num_heads=3, out_blocks=(0, 1, 2, 3), pos_grid=4,
+    features=16, out_channels=(8, 16, 32, 48))
+
+
+
+def input_multiple(name: str) -> int:
+  """What training crops and sliding windows of model `name` must be multiples of: the patch
+  size for DINOv2 encoders (other inputs are zero-padded to it), 1 for the others."""
+  factory = MODELS[name]
+  if factory.func is DPTDinoV2:
+    return factory.keywords.get("patch_size", DPTDinoV2.patch_size)
+  return 1
+
 
 _MODEL_FIELDS = ("dropout_rate", "survival_prob", "survival_schedule", "frozen_bn", "remat",
                  "activation")

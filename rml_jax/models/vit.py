@@ -26,11 +26,10 @@ class Attention(nn.Module):
     n, t, d = x.shape
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, T, head_dim]
-    weights = jax.nn.softmax((q @ k.swapaxes(-1, -2)) * head_dim**-0.5, axis=-1)
-    out = (weights @ v).transpose(0, 2, 1, 3).reshape(n, t, d)
-    return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+    q, k, v = (qkv.reshape(n, t, 3, self.num_heads, head_dim)[:, :, i] for i in range(3))
+    # softmax(q k^T / sqrt(head_dim)) v per head; XLA's fused kernels where the backend has them.
+    out = jax.nn.dot_product_attention(q, k, v)  # [N, T, heads, head_dim]
+    return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(n, t, d))
 
 
 class Mlp(nn.Module):
@@ -44,22 +43,37 @@ class Mlp(nn.Module):
     return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
 
 
+class LayerScale(nn.Module):
+  """x * gamma, gamma [D] (DINOv2's `ls1` / `ls2`)."""
+
+  init_value: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block; stochastic depth on both residual branches."""
+  """Pre-norm transformer block; stochastic depth on both residual branches; with
+  layer_scale, each branch is scaled by a learned per-channel gamma first (DINOv2)."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   survival_prob: float = 1.0
   dtype: jnp.dtype = jnp.float32
+  layer_scale: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     deterministic = not train or self.survival_prob >= 1.0
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)  # noqa: E731
-    branch = Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
+    scale = lambda name, y: LayerScale(name=name)(y) if self.layer_scale else y  # noqa: E731
+    branch = scale("ls1", Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x)))
     rng = None if deterministic else self.make_rng("dropout")
     x = x + drop_path(branch, self.survival_prob, deterministic, rng)
-    branch = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(norm("norm2")(x))
+    branch = scale("ls2", Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype,
+                              name="mlp")(norm("norm2")(x)))
     rng = None if deterministic else self.make_rng("dropout")
     return x + drop_path(branch, self.survival_prob, deterministic, rng)
 
