@@ -88,7 +88,7 @@ def test_conv1x1_in_bfloat16_rounds_a_float32_sum_once():
 def test_stochastic_depth_schedule_reaches_every_block(monkeypatch, schedule):
   """Each residual block draws with its own survival probability: survival_prob everywhere
   (uniform), or 1 - l / L * (1 - survival_prob) for block l of L (linear), in the ResNet and in
-  the ViT of the students."""
+  the ViTs of the students (SETR's and DINOv2's)."""
   import ml_collections
 
   from rml_jax.models import resnet, vit
@@ -101,7 +101,8 @@ def test_stochastic_depth_schedule_reaches_every_block(monkeypatch, schedule):
 
   monkeypatch.setattr(resnet, "drop_path", recording_drop_path)
   monkeypatch.setattr(vit, "drop_path", recording_drop_path)
-  for name, blocks in (("deeplabv2_tiny", 4), ("setr_naive_tiny", 4 * 2)):  # ViT: 2 per block
+  for name, blocks in (("deeplabv2_tiny", 4), ("setr_naive_tiny", 4 * 2),  # ViT: 2 per block
+                       ("dpt_dinov2_tiny", 4 * 2)):
     seen.clear()
     model = models.build_model(ml_collections.ConfigDict(dict(
         name=name, survival_prob=0.6, survival_schedule=schedule)), 3)

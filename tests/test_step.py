@@ -75,7 +75,7 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
     assert np.isfinite(float(metrics[key]))
 
 
-@pytest.mark.parametrize("model_b", ["", "setr_naive_tiny"])
+@pytest.mark.parametrize("model_b", ["", "setr_naive_tiny", "dpt_dinov2_tiny"])
 def test_initial_students_are_each_models_own_init(model_b):
   """Same-architecture students are initialised in one vmapped call: each must still equal its
   model's own init from its own key (and the two differ); a heterogeneous pair takes the plain
@@ -97,6 +97,43 @@ def test_initial_students_are_each_models_own_init(model_b):
     kernels = [(a, b) for a, b in zip(jax.tree.leaves(initial.learner_a.params),
                                       jax.tree.leaves(initial.learner_b.params)) if a.ndim == 4]
     assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
+
+
+def test_a_dinov2_student_beside_a_deeplabv2_one_learns_in_one_step(data_dir):
+  """The DINOv2 + DPT student and a DeepLabv2 one (56 x 56 crops, multiples of 14): one RML step
+  moves both students, each teacher by EMA, and the DINOv2 teacher's prototypes live in its own
+  16-wide feature space."""
+  config = tiny_config(data_dir, "model.name=dpt_dinov2_tiny,model_b.name=deeplabv2_tiny,"
+                       "mode=rml,rml.rectify_start_step=0,optimizer.warmup_steps=0,"
+                       "model.survival_prob=0.8,model.dropout_rate=0.5")
+  config.data.crop_size = (56, 56)
+  program = Program.create(config)
+  initial = jax.device_get(program.fresh_state(jax.random.key(0)))
+  placed = program.fresh_state(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"labeled": {"image": rng.integers(0, 255, (2, 56, 56, 3), dtype=np.uint8),
+                       "label": rng.integers(0, 11, (2, 56, 56)).astype(np.int32)},
+           "unlabeled": {"weak": rng.integers(0, 255, (2, 56, 56, 3), dtype=np.uint8),
+                         "strong": rng.integers(0, 255, (2, 2, 56, 56, 3), dtype=np.uint8),
+                         "valid": np.ones((2, 56, 56), bool),
+                         "label": np.full((2, 56, 56), 255, np.int32)}}
+  updated, metrics = program.train_fn(placed, sharding.to_global(batch, program.mesh))
+  updated = jax.device_get(updated)
+  decay = min(config.rml.ema_decay, 1 / 10)
+  for name in ("learner_a", "learner_b"):
+    before, after = getattr(initial, name), getattr(updated, name)
+    moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before.params),
+                                                       jax.tree.leaves(after.params))]
+    assert sum(moved) > len(moved) // 2, name
+    for teacher, old, student in zip(jax.tree.leaves(after.ema_params),
+                                     jax.tree.leaves(before.ema_params),
+                                     jax.tree.leaves(after.params)):
+      np.testing.assert_allclose(teacher, decay * old + (1 - decay) * student, rtol=1e-5,
+                                 atol=1e-6)
+  assert "encoder" in updated.learner_a.params and "backbone" in updated.learner_b.params
+  assert updated.learner_a.prototypes.shape == (11, 16)  # the DPT features' width
+  for key in ("loss_a", "loss_b", "unsup_loss_a", "teacher_tv"):
+    assert np.isfinite(float(metrics[key])), key
 
 
 def _unlabeled_batch(views: int) -> dict:
