@@ -98,7 +98,7 @@ def test_image_folder_maps_labels_keeps_sizes_and_appends_unlabeled(tmp_path):
   batch = next(input_pipeline.train_iterator(config, sources.train, labeled, unlabeled_idx, True))
   assert batch["labeled"]["image"].shape == (2, 128, 128, 3)
   assert set(np.unique(batch["labeled"]["label"])) <= {0, 1, 255}
-  assert batch["unlabeled"]["strong"].shape == (2, 1, 128, 128, 3)
+  assert batch["unlabeled"]["strong"].shape == (2, 2, 128, 128, 3)  # one view per student
   # Eval batches of mixed sizes share one padded shape, padding ignored.
   eval_batch = next(input_pipeline.eval_batches(config, sources.train, labeled,
                                                 pad_to=(40, 48)))

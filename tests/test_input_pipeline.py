@@ -39,7 +39,7 @@ def test_batch_layout(data_dir, train_source):
   assert batch["labeled"]["image"].dtype == np.uint8
   assert batch["labeled"]["label"].dtype == np.int32
   assert batch["unlabeled"]["weak"].shape == (2, 64, 64, 3)
-  assert batch["unlabeled"]["strong"].shape == (2, 1, 64, 64, 3)  # digits: one shared view
+  assert batch["unlabeled"]["strong"].shape == (2, 2, 64, 64, 3)  # digits: one view per student
   labels = batch["labeled"]["label"]
   assert set(np.unique(labels)) <= set(range(11)) | {255}
 

@@ -13,11 +13,12 @@ from tests.conftest import tiny_config
 
 
 def _batch(seed: int = 0, size: int = 64) -> dict:
+  """Two labeled and two unlabeled images; one strong view per student (digits default)."""
   rng = np.random.default_rng(seed)
   return {"labeled": {"image": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
                       "label": rng.integers(0, 11, (2, size, size)).astype(np.int32)},
           "unlabeled": {"weak": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
-                        "strong": rng.integers(0, 255, (2, 1, size, size, 3), dtype=np.uint8),
+                        "strong": rng.integers(0, 255, (2, 2, size, size, 3), dtype=np.uint8),
                         "valid": np.ones((2, size, size), bool),
                         "label": rng.integers(0, 11, (2, size, size)).astype(np.int32)}}
 

@@ -32,6 +32,18 @@ def test_unsup_weight_ramp_and_ema_decay_warmup():
                                  np.asarray([0, 50, 100, 200]) + 10)), rtol=1e-6)
 
 
+def _train_batch(size: int, views: int) -> dict:
+  """2 labeled and 2 unlabeled random size x size images (`views` strong views each)."""
+  rng = np.random.default_rng(0)
+  return {"labeled": {"image": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
+                      "label": rng.integers(0, 11, (2, size, size)).astype(np.int32)},
+          "unlabeled": {"weak": rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8),
+                        "strong": rng.integers(0, 255, (2, views, size, size, 3),
+                                               dtype=np.uint8),
+                        "valid": np.ones((2, size, size), bool),
+                        "label": np.full((2, size, size), 255, np.int32)}}
+
+
 @pytest.mark.parametrize("bn_stats", ["joint", "labeled"])
 def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path, bn_stats):
   config = tiny_config(data_dir, f"rml.bn_stats={bn_stats},optimizer.warmup_steps=0")
@@ -40,13 +52,7 @@ def test_one_step_updates_students_and_moves_teachers_by_ema(data_dir, tmp_path,
   # (on CPU a donated buffer may be shared with host views of it).
   initial = program.fresh_state(jax.random.key(0))
   placed = program.fresh_state(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  batch = {"labeled": {"image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
-                       "label": rng.integers(0, 11, (2, 64, 64)).astype(np.int32)},
-           "unlabeled": {"weak": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
-                         "strong": rng.integers(0, 255, (2, 1, 64, 64, 3), dtype=np.uint8),
-                         "valid": np.ones((2, 64, 64), bool),
-                         "label": np.full((2, 64, 64), 255, np.int32)}}
+  batch = _train_batch(64, views=2)  # digits: one strong view per student
   updated, metrics = program.train_fn(placed, sharding.to_global(batch, program.mesh))
   updated = jax.device_get(updated)
   assert int(updated.step) == 1
@@ -110,13 +116,7 @@ def test_a_dinov2_student_beside_a_deeplabv2_one_learns_in_one_step(data_dir):
   program = Program.create(config)
   initial = jax.device_get(program.fresh_state(jax.random.key(0)))
   placed = program.fresh_state(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  batch = {"labeled": {"image": rng.integers(0, 255, (2, 56, 56, 3), dtype=np.uint8),
-                       "label": rng.integers(0, 11, (2, 56, 56)).astype(np.int32)},
-           "unlabeled": {"weak": rng.integers(0, 255, (2, 56, 56, 3), dtype=np.uint8),
-                         "strong": rng.integers(0, 255, (2, 2, 56, 56, 3), dtype=np.uint8),
-                         "valid": np.ones((2, 56, 56), bool),
-                         "label": np.full((2, 56, 56), 255, np.int32)}}
+  batch = _train_batch(56, views=2)
   updated, metrics = program.train_fn(placed, sharding.to_global(batch, program.mesh))
   updated = jax.device_get(updated)
   decay = min(config.rml.ema_decay, 1 / 10)

@@ -101,7 +101,7 @@ def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
                                                                   dtype=np.uint8),
                        "label": np.zeros((2, 64, 64), np.int32)},
            "unlabeled": {"weak": np.zeros((2, 64, 64, 3), np.uint8),
-                         "strong": np.zeros((2, 1, 64, 64, 3), np.uint8),
+                         "strong": np.zeros((2, 2, 64, 64, 3), np.uint8),
                          "valid": np.ones((2, 64, 64), bool),
                          "label": np.full((2, 64, 64), 255, np.int32)}}
   original, _ = program.train_fn(original, sharding.to_global(batch, program.mesh))
