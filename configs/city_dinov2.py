@@ -11,7 +11,8 @@ The arg picks the labeled split, UniMatch V2's sizes (data/splits/cityscapes/<na
 students, `deeplab` makes student b DeepLabv2-ResNet101 (the paper's Table 5 idea: a CNN and a
 transformer; also pass --config.model_b.init_from=weights/r101.npz); `iml` switches off
 rectification; `small` / `large` pick ViT-S/14 or ViT-L/14 for the DINOv2 students; `cpu` is a
-CPU-sized smoke run of the same pipeline. Then key=value overrides as in digits.py.
+CPU-sized smoke run of the same pipeline, applied after the other presets whatever their order.
+Then key=value overrides as in digits.py (after every preset).
 
 Settings from UniMatch V2 (LiheYoung/UniMatch-V2, configs/cityscapes.yaml and unimatch_v2.py),
 each recorded in docs/fidelity.md: 798 x 798 crops of the full-resolution images after a random
@@ -59,7 +60,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.update(dict(protocol="sliding", resize=None, window=None, stride=2 / 3))
   config.eval_batch_size = 2  # full-resolution images, each 8 sliding windows
   _split(config, "1_8")
-  return apply_overrides(config, arg, presets=presets())
+  return apply_overrides(config, cpu_last(arg), presets=presets())
+
+
+def cpu_last(arg: str | None) -> str | None:
+  """The arg with its presets first, `cpu` the last of them, then the key=value overrides: the
+  CPU preset shrinks whatever split, size and pair the other presets chose."""
+  if not arg:
+    return arg
+  items = [item for item in arg.split(",") if item]
+  presets = [item for item in items if "=" not in item]
+  overrides = [item for item in items if "=" in item]
+  presets = [p for p in presets if p != "cpu"] + (["cpu"] if "cpu" in presets else [])
+  return ",".join(presets + overrides)
 
 
 def _split(config: ml_collections.ConfigDict, name: str) -> None:

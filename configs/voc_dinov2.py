@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.update(dict(protocol="whole", resize=None, pad_to=(504, 504), window=None))
   config.eval_batch_size = 8
   _split(config, "366")
-  return apply_overrides(config, arg, presets=presets())
+  return apply_overrides(config, city_dinov2.cpu_last(arg), presets=presets())
 
 
 def _split(config: ml_collections.ConfigDict, count: str) -> None:
@@ -61,4 +61,4 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   city_dinov2.presets()["cpu"](config)
   config.data.resize = None
   config.data.crop_size = (56, 56)
-  config.eval.update(dict(pad_to=(70, 70), window=None))
+  config.eval.update(dict(resize=None, pad_to=(70, 70), window=None))

@@ -257,10 +257,12 @@ def convert(arch: str, src: str, out: str) -> list[str]:
   elif arch == "dinov2":
     variables, unused = dinov2_from_torch(state)
     encoder = variables["params"].get("encoder", {})
-    if encoder and ("cls_token" not in encoder or not any(k.startswith("blocks_")
-                                                          for k in encoder)):
-      raise UserError(f"--src: {src} is not a DINOv2 checkpoint (no cls_token or blocks.*; "
-                      f"first keys: {sorted(state)[:3]})")
+    patch = encoder.get("patch_embed", {}).get("kernel")
+    if encoder and ("cls_token" not in encoder or patch is None or patch.shape[0] != 14
+                    or "ls1" not in encoder.get("blocks_0", {})):
+      raise UserError(f"--src: {src} is not a DINOv2 checkpoint (expected cls_token, a 14 x 14 "
+                      "patch_embed.proj and LayerScale blocks.0.ls1.gamma; first keys: "
+                      f"{sorted(state)[:3]}); a timm ViT converts with --arch=vit")
   else:
     raise UserError(f"--arch: expected one of {sorted(ARCHS)}, got {arch!r}")
   if not flatten(variables):

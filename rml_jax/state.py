@@ -121,7 +121,7 @@ def parameter_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTre
 def group_name(multiplier: float) -> str:
   """'train' for the base learning rate (the optimizer state's key since before groups
   existed, so older checkpoints restore), else 'lr_x<multiplier>'."""
-  return "train" if multiplier == 1.0 else f"lr_x{multiplier:g}"
+  return "train" if multiplier == 1.0 else f"lr_x{float(multiplier)!r}"
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -98,9 +98,10 @@ def merge_pretrained(variables: Tree, pretrained: Tree, source: str,
                      token_grid: tuple[int, int] | None = None) -> tuple[Tree, list[str]]:
   """Overwrites every leaf of `variables` that `pretrained` holds.
 
-  Returns (new variables, model leaves left as initialised). A pretrained leaf the model lacks,
-  or one of another shape, stops with one line naming it and both shapes (a position embedding
-  of another token count is resampled to `token_grid` instead).
+  Returns (new variables, model leaves left as initialised: the heads). A pretrained leaf the
+  model lacks, one of another shape (a position embedding of another token count is resampled to
+  `token_grid` instead), or a leaf of a pretrained part (`backbone`, `encoder`) that the file
+  does not hold stops with one line naming it.
   """
   flat_model = flatten(variables)
   flat_new = dict(flat_model)
@@ -117,4 +118,10 @@ def merge_pretrained(variables: Tree, pretrained: Tree, source: str,
                         f"model expects {want}")
     flat_new[path] = np.asarray(value, flat_model[path].dtype)
   kept = sorted(set(flat_model) - set(flatten(pretrained)))
+  for part in sorted({path.split("/")[1] for path in flatten(pretrained) if "/" in path}):
+    missing = [path for path in kept if path.split("/")[1:2] == [part]]
+    if missing:  # a pretrained trunk must come whole: another variant of the architecture
+      raise UserError(f"{source}: parameter {missing[0]} {tuple(flat_model[missing[0]].shape)} "
+                      f"of this model's {part} is not in the file (another variant, e.g. a "
+                      "checkpoint without registers for a _reg4 model?)")
   return unflatten(flat_new), kept

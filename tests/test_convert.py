@@ -8,7 +8,6 @@ import pytest
 
 from rml_jax import convert, weights
 from rml_jax.errors import UserError
-from rml_jax.models.dinov2 import DinoV2
 from rml_jax.models.resnet import ResNet
 from rml_jax.models.vit import VisionTransformer
 
@@ -226,39 +225,64 @@ def test_vit_encoder_sizes_match_the_published_ones(name, published):
   assert abs(encoder - published) / published < 0.01
 
 
-def _dinov2_reference(registers: int, seed: int = 4):
+def _dinov2_reference(registers: int, seed: int = 4, dim: int = 384, depth: int = 12,
+                      heads: int = 6):
   torch.manual_seed(seed)
-  return torch_reference.DinoVisionTransformer(dim=384, depth=12, heads=6,
+  return torch_reference.DinoVisionTransformer(dim=dim, depth=depth, heads=heads,
                                                registers=registers).eval()
 
 
 @pytest.mark.parametrize("name,registers", [("dpt_dinov2_vits14", 0),
                                             ("dpt_dinov2_vits14_reg4", 4)])
-def test_dinov2_import_matches_torch_at_a_resampled_grid(name, registers):
-  """ViT-S/14 from published-layout keys at 252 x 504 (the 37 x 37 position grid resampled to
-  18 x 36): final and intermediate features within 1e-4 of the torch reference."""
+@pytest.mark.parametrize("grid", [(18, 36), (40, 44)])
+def test_dinov2_import_matches_torch_at_a_resampled_grid(name, registers, grid):
+  """Published-layout keys converted and loaded into the registry's DINOv2 + DPT model: the
+  encoder's final and intermediate features (captured inside the full model) within 1e-4 of
+  the torch reference, at a grid that downsamples the stored 37 x 37 position grid (ViT-S/14 at
+  252 x 504) and one that upsamples it (a 4-block width-48 ViT at 560 x 616)."""
   from rml_jax import models
 
-  reference = _dinov2_reference(registers)
-  images = np.random.default_rng(2).normal(size=(2, 252, 504, 3)).astype(np.float32)
-  blocks = (2, 5, 8, 11)
+  if grid == (18, 36):
+    reference, model = _dinov2_reference(registers), models.MODELS[name](num_classes=19)
+    blocks, dim = (2, 5, 8, 11), 384
+  else:
+    reference = _dinov2_reference(registers, dim=48, depth=4, heads=3)
+    blocks, dim = (0, 1, 2, 3), 48
+    model = models.MODELS[name](num_classes=19).clone(hidden_size=48, depth=4, num_heads=3,
+                                                      out_blocks=blocks)
+  size = (14 * grid[0], 14 * grid[1])
+  images = np.random.default_rng(2).normal(size=(2, *size, 3)).astype(np.float32)
   with torch.no_grad():
     want = [t.numpy() for t in reference(torch.from_numpy(images.transpose(0, 3, 1, 2)),
                                          blocks)]
   variables, unused = convert.dinov2_from_torch(_state_dict(reference))
   assert unused == ["mask_token"]
-  model = models.MODELS[name](num_classes=19)
-  init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 252, 504, 3))))
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3))))
   merged, kept = weights.merge_pretrained(
       jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init), variables, name)
   assert kept and all(not k.startswith("params/encoder") for k in kept)  # the decoder only
-  got = DinoV2(384, 12, 6, blocks, registers, interpolate_offset=model.interpolate_offset,
-               interpolate_antialias=model.interpolate_antialias).apply(
-                   {"params": merged["params"]["encoder"]}, images, train=False)
+  _, captured = model.apply(merged, images, capture_intermediates=lambda m, _: m.name == "encoder",
+                            mutable=["intermediates"])
+  got = captured["intermediates"]["encoder"]["__call__"][0]
   assert len(got) == len(want)
   for block, g, w in zip(blocks, got, want):
-    assert g.shape == w.shape == (2, 18, 36, 384), block
+    assert g.shape == w.shape == (2, *grid, dim), block
     assert _relative_error(np.asarray(g), w) < 1e-4, (block, _relative_error(np.asarray(g), w))
+
+
+def test_a_dinov2_checkpoint_without_registers_does_not_fill_a_reg4_model():
+  """Loading must not leave part of a pretrained encoder at its random init (registers)."""
+  from rml_jax import models
+
+  variables, _ = convert.dinov2_from_torch(_state_dict(
+      _dinov2_reference(0, dim=48, depth=4, heads=3)))
+  model = models.MODELS["dpt_dinov2_vits14_reg4"](num_classes=3).clone(
+      hidden_size=48, depth=4, num_heads=3, out_blocks=(0, 1, 2, 3))
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3))))
+  with pytest.raises(UserError, match=r"parameter params/encoder/register_tokens \(1, 4, 48\) "
+                                      r"of this model's encoder is not in the file"):
+    weights.merge_pretrained(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init),
+                             variables, "dinov2_s14.npz")
 
 
 # Encoder / decoder sizes: DINOv2's README (21M, 86M, 300M, rounded) and UniMatch V2's training
@@ -308,3 +332,8 @@ def test_a_dinov2_checkpoint_of_another_size_names_the_parameter(tmp_path, capsy
     torch.save(torch_reference.ResNet((1, 1, 1, 1)).state_dict(), str(tmp_path / "r.pth"))
     convert.main(["--arch=dinov2", f"--src={tmp_path / 'r.pth'}", f"--out={out}"])
   assert "has no dinov2 parameters" in capsys.readouterr().err
+  timm_vit, _ = _vit_pair()  # a timm ViT (patch 8, no LayerScale) is refused too
+  torch.save(timm_vit.state_dict(), str(tmp_path / "vit.pth"))
+  with pytest.raises(SystemExit):
+    convert.main(["--arch=dinov2", f"--src={tmp_path / 'vit.pth'}", f"--out={out}"])
+  assert "is not a DINOv2 checkpoint" in capsys.readouterr().err

@@ -106,9 +106,16 @@ def test_parameter_groups_scale_the_adamw_step_per_pattern():
 def test_groups_keep_the_optimizer_state_of_a_config_without_them():
   """No multipliers: the state is optax's plain one (or {'train', 'frozen'} with frozen batch
   norm), so checkpoints written before groups existed restore."""
+  import optax
+
   config = city.get_config("cpu")  # frozen_bn=True
   params = _params(config)
   opt_state = state.make_optimizer(config).init(params)
   assert set(opt_state.inner_states) == {"train", "frozen"}
+  sgd = optax.chain(optax.add_decayed_weights(5e-4, mask=state.decays),
+                    optax.sgd(state.learning_rate_schedule(config), momentum=0.9))
+  before_groups = optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()},
+                                        state.frozen_bn_labels).init(params)
+  assert jax.tree.structure(opt_state) == jax.tree.structure(before_groups)
   plain = digits.get_config()
   assert not hasattr(state.make_optimizer(plain).init(_params(plain)), "inner_states")

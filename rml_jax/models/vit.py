@@ -27,7 +27,7 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
     q, k, v = (qkv.reshape(n, t, 3, self.num_heads, head_dim)[:, :, i] for i in range(3))
-    # softmax(q k^T / sqrt(head_dim)) v per head; XLA's fused kernels where the backend has them.
+    # softmax(q k^T / sqrt(head_dim)) v per head.
     out = jax.nn.dot_product_attention(q, k, v)  # [N, T, heads, head_dim]
     return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(n, t, d))
 
