@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # DeepLabv2 fine-tunes with frozen ImageNet batch-norm statistics; the ImageNet ResNet-101
   # comes from `python -m rml_jax.convert` (config.model.init_from).
   config.model.frozen_bn = True
+  # The randomly initialised layers learn at 10x the pretrained backbone's rate, DeepLabv2's
+  # fine-tuning protocol (its classifier; SETR's new decoder when it is model_b).
+  config.optimizer.lr_multipliers = ((r"^(head|decode_conv\d*|decode_bn\d*|classifier)/", 10.0),)
   # Paper protocol: whole images at the training resolution (1024x512). For full resolution
   # sliding windows: eval.protocol=sliding, eval.resize=None (window = the crop, stride 2/3).
   config.eval.resize = (512, 1024)

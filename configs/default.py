@@ -106,6 +106,17 @@ def get_config() -> ml_collections.ConfigDict:
       # head, so they first learn from the labeled images for 10% of the stage (docs/fidelity.md).
       rectify_start_step=9_000,
       prototypes_from_labeled=True,  # eq. 11 also averages the labeled images' teacher features
+      # Class-aware pseudo-label thresholds, an addition outside the paper (docs/fidelity.md;
+      # rml_jax/class_balance.py): none (the paper's single tau) | cbst | adaptive. Applied to
+      # every rung with pseudo labels, after rectification and before CutMix.
+      class_balance="none",
+      class_balance_portion=0.5,  # cbst: each class keeps at least its top share of pixels
+      class_balance_floor=0.5,  # no class threshold goes below this
+      class_balance_momentum=0.99,  # decay of the running per-class confidence histograms
+      class_balance_bins=50,  # the histograms' bins over [0, 1]
+      # Distribution alignment (outside the paper): p^0 times the labeled pixels' class shares
+      # over the source's mean prediction, renormalised, before rectification.
+      distribution_alignment=False,
   ))
   # Inference for eval, predict and stored soft labels: "whole" images (at eval.resize, None =
   # as stored) or "sliding" windows (eval.window, None = the crop; stride a fraction of it).

@@ -5,7 +5,8 @@ electron microscopy (the ISBI 2012 layout: `isbi` preset):
       --workdir=runs/isbi
 
 (add the `tiny` preset for a seconds-long smoke run). The `stanford` preset reads the Stanford
-Background layout (images/, labels/, splits/train.txt and splits/val.txt; 8 classes).
+Background layout (images/, labels/, splits/train.txt and splits/val.txt; 8 classes), `facade`
+the CMP Facade base set (the same layout, 12 classes).
 
 Every data field, for your own folder (set them with --config.data.<field>=... or in a copy of
 this file):
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 4
   config.eval.update(dict(protocol="sliding", window=None, stride=2 / 3))
   return apply_overrides(config, arg, presets={"tiny": _tiny, "isbi": _isbi,
-                                               "stanford": _stanford})
+                                               "stanford": _stanford, "facade": _facade})
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
@@ -85,4 +86,21 @@ def _stanford(config: ml_collections.ConfigDict) -> None:
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))  # ImageNet statistics
   config.augment.strong_views = "per_student"
   config.eval.update(dict(protocol="whole", resize=(120, 160)))
+  config.eval_batch_size = 16
+
+
+def _facade(config: ml_collections.ConfigDict) -> None:
+  """CMP Facade base (Tylecek and Sara, GCPR 2013): 12 classes, several thin or small (door,
+  sill, blind, deco, pillar); 1/8 of splits/train.txt labeled, the rest unlabeled,
+  splits/val.txt the val set. The rectified facades (about 271x512, portrait) are trained and
+  evaluated at half size."""
+  config.data.update(dict(
+      images_dir="images", labels_dir="labels", unlabeled_dir="",
+      class_names=("background", "facade", "window", "door", "cornice", "sill", "balcony",
+                   "blind", "deco", "molding", "pillar", "shop"),
+      label_map=(), ignore_value=-1,
+      train_list="splits/train.txt", val_list="splits/val.txt", labeled_fraction=1 / 8,
+      resize=(256, 136), crop_size=(96, 96), scale_range=(0.75, 1.25),
+      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))  # ImageNet statistics
+  config.eval.update(dict(protocol="whole", resize=(256, 136)))
   config.eval_batch_size = 16

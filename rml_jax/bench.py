@@ -119,7 +119,7 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
     update: step.apply_update, one optimizer step and EMA teacher update of learner a.
   """
   cfg = program.step_config
-  mode = step.MODES[cfg.mode]
+  mode = cfg.mode
   learner, model, tx = train_state.learner_a, train_state.model_a, train_state.tx
   now = train_state.step
   rng = jax.random.key(0)
@@ -129,9 +129,9 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
 
   @jax.jit
   def targets(state, unlabeled):
-    _, views, student_targets = step.unlabeled_targets(state, unlabeled, rng, now, cfg, {},
-                                                       labeled)
-    inputs = ((labeled, views[0]) if cfg.bn_stats == "labeled"
+    _, views, student_targets, _ = step.unlabeled_targets(state, unlabeled, rng, now, cfg,
+                                                          labeled)
+    inputs = ((labeled, views[0]) if cfg.rml.bn_stats == "labeled"
               else jnp.concatenate([labeled, views[0]], axis=0))
     return inputs, student_targets[0]  # student a's
 
@@ -140,7 +140,7 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
     inputs, target = targets(train_state, batch["unlabeled"])
   else:
     inputs, target = labeled, ()
-  weight = step.unsup_weight_at(now, cfg.unsup_weight, cfg.unsup_rampup_steps)
+  weight = step.unsup_weight_at(now, cfg.rml.unsup_weight, cfg.rml.unsup_rampup_steps)
   loss_fn = step.student_loss_fn(labels, target, weight)
 
   @jax.jit
@@ -155,7 +155,7 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
   @jax.jit
   def update(student, loss, batch_stats, grads):
     return step.apply_update(student, tx, loss, batch_stats, grads,
-                             step.ema_decay_at(now, cfg.ema_decay))
+                             step.ema_decay_at(now, cfg.rml.ema_decay))
 
   pieces["student_forward"] = _timed(forward, learner, inputs, repeats=repeats)
   pieces["student_forward_backward"] = _timed(gradients, learner, inputs, repeats=repeats)

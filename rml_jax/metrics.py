@@ -103,12 +103,16 @@ def pseudo_label_class_counts(pseudo_labels: jax.Array, confident: jax.Array, la
 
 
 def pseudo_label_class_report(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """pseudo_label_class_counts summed over steps -> {'share', 'precision', 'recall'} [K]
-  (NaN where a class has no pixel to divide by)."""
+  """pseudo_label_class_counts summed over steps -> {'share', 'truth_share', 'precision',
+  'recall'} [K]: the class's share of the confident pixels, its share of the ground-truth
+  pixels of the same images, and the confident pixels' precision and recall (NaN where a class
+  has no pixel to divide by)."""
+  def shares(counts: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / total if total else np.full_like(counts, np.nan)
+
   with np.errstate(invalid="ignore", divide="ignore"):
-    total = sums["confident"].sum()
-    return {"share": sums["confident"] / total if total else np.full_like(sums["confident"],
-                                                                           np.nan),
+    return {"share": shares(sums["confident"]), "truth_share": shares(sums["truth"]),
             "precision": np.where(sums["known"] > 0, sums["correct"] / sums["known"], np.nan),
             "recall": np.where(sums["truth"] > 0, sums["correct"] / sums["truth"], np.nan)}
 

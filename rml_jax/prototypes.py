@@ -80,11 +80,13 @@ def classes_present(labels: jax.Array, num_classes: int) -> jax.Array:
 
 
 def class_confidence(features: jax.Array, prototypes: jax.Array,
-                     temperature: float = 1.0) -> jax.Array:
+                     temperature: float = 1.0, seen: jax.Array | None = None) -> jax.Array:
   """Eq. 9: omega = softmax_k(-||f - eta_k||_2 / temperature).
 
   Args:
     features: [N, H, W, C]; prototypes: [K, C].
+    seen: optional [K] bool, the classes that have a prototype; the softmax runs over those
+      only (omega = 0 for the others). At least one class must be seen.
   Returns:
     [N, H, W, K] float32, summing to 1 over k.
   """
@@ -94,7 +96,7 @@ def class_confidence(features: jax.Array, prototypes: jax.Array,
   squared = (jnp.sum(f * f, -1, keepdims=True) - 2.0 * jnp.einsum("nhwc,kc->nhwk", f, p)
              + jnp.sum(p * p, -1))
   distance = jnp.sqrt(jnp.maximum(squared, 0.0))
-  return jax.nn.softmax(-distance / temperature, axis=-1)
+  return jax.nn.softmax(-distance / temperature, axis=-1, where=seen)
 
 
 def rectify(probs: jax.Array, confidence: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -111,6 +113,14 @@ def rectify(probs: jax.Array, confidence: jax.Array) -> tuple[jax.Array, jax.Arr
   labels = jnp.argmax(weighted, -1).astype(jnp.int32)
   label_confidence = jnp.max(weighted, -1) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
   return labels, label_confidence
+
+
+def omega_entropy(confidence: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of eq. 9's omega [N, H, W, K] over the pixels of mask [N, H, W] bool:
+  near 0 when omega is one-hot (then eq. 6 simply picks the nearest prototype's class)."""
+  p = confidence.astype(jnp.float32)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), -1)
+  return jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def resize_to(maps: jax.Array, height: int, width: int) -> jax.Array:

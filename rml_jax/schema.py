@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from rml_jax import augment, datasets, models
+from rml_jax import augment, class_balance, datasets, models
 from rml_jax.constants import MODEL_NAMES
 from rml_jax.errors import UserError
 from rml_jax.step import MODES
@@ -215,6 +215,12 @@ RULES: dict[str, Check] = {
     "rml.prototype_temperature": number(0.0, low_open=True),
     "rml.rectify_start_step": integer(0),
     "rml.prototypes_from_labeled": boolean(),
+    "rml.class_balance": choice(*class_balance.RULES),
+    "rml.class_balance_portion": number(0.0, 1.0, low_open=True),
+    "rml.class_balance_floor": number(0.0, 1.0),
+    "rml.class_balance_momentum": number(0.0, 1.0, high_open=True),
+    "rml.class_balance_bins": integer(2),
+    "rml.distribution_alignment": boolean(),
     "eval.protocol": choice("whole", "sliding"),
     "eval.window": optional(size()),
     "eval.stride": number(0.0, 1.0, low_open=True),
@@ -253,6 +259,11 @@ class Relation:
 RELATIONS = (
     Relation("rml.stages", lambda c: c.rml.stages == 1 or MODES[c.rml.mode].unlabeled,
              "expected 1 with rml.mode='supervised' (stages relabel the unlabeled images)"),
+    Relation("rml.class_balance_floor",
+             lambda c: (c.rml.class_balance == "none"
+                        or c.rml.class_balance_floor <= c.rml.threshold),
+             "expected at most rml.threshold with rml.class_balance set (no class threshold lies "
+             "above tau)"),
     Relation("data.val_list", lambda c: not c.data.val_list or (
         c.data.val_holdout == 0 and not c.data.val_images_dir),
         "expected '' with data.val_holdout > 0 or data.val_images_dir (one val set)"),

@@ -26,6 +26,10 @@ class Learner:
   prototypes: [K, C] float32 class centres in the teacher's feature space (eq. 11);
   prototypes_seen: [K] bool, whether row k holds a real mean yet (set from the first batch that
   contains class k, so unset zero rows never enter eq. 9).
+  confidence_histogram: [K, B] float32, the running per-class histogram of the confidence of
+  this learner's pseudo labels (class_balance.py; zeros until its first unlabeled batch).
+  label_distribution, prediction_distribution: [K] float32 running class shares of the labeled
+  pixels and of this learner's soft pseudo labels (distribution alignment; uniform at first).
   """
 
   params: PyTree
@@ -35,6 +39,9 @@ class Learner:
   ema_batch_stats: PyTree
   prototypes: jax.Array
   prototypes_seen: jax.Array
+  confidence_histogram: jax.Array
+  label_distribution: jax.Array
+  prediction_distribution: jax.Array
 
   @property
   def student(self) -> dict[str, PyTree]:
@@ -60,11 +67,17 @@ class RMLState:
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
+def stage_length(config: ml_collections.ConfigDict) -> int:
+  """Steps per stage: every stage runs config.total_steps (the paper: 90k x 2 stages); the
+  schedules, EMA warm-up and rectification start restart with each stage."""
+  return config.total_steps
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup, then poly decay (1 - t/T)^power to 0 at config.total_steps (paper: poly)."""
+  """Linear warmup, then poly decay (1 - t/T)^power to 0 at the end of a stage (paper: poly)."""
   opt = config.optimizer
   decay = optax.polynomial_schedule(
-      opt.learning_rate, 0.0, opt.poly_power, max(config.total_steps - opt.warmup_steps, 1))
+      opt.learning_rate, 0.0, opt.poly_power, max(stage_length(config) - opt.warmup_steps, 1))
   if opt.warmup_steps <= 0:
     return decay
   warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
@@ -167,8 +180,9 @@ def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[n
 
 
 def _learner(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
-             image_shape: tuple[int, ...], num_classes: int) -> Learner:
-  """A fresh learner around initial `variables`: teacher = student, zero prototypes."""
+             image_shape: tuple[int, ...], num_classes: int, histogram_bins: int) -> Learner:
+  """A fresh learner around initial `variables`: teacher = student, zero prototypes and
+  confidence histogram [K, histogram_bins]."""
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   features = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(image_shape), train=False),
@@ -178,7 +192,10 @@ def _learner(model: nn.Module, tx: optax.GradientTransformation, variables: dict
       ema_params=jax.tree.map(jnp.copy, params),
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
       prototypes=jnp.zeros((num_classes, features.shape[-1]), jnp.float32),
-      prototypes_seen=jnp.zeros((num_classes,), jnp.bool_))
+      prototypes_seen=jnp.zeros((num_classes,), jnp.bool_),
+      confidence_histogram=jnp.zeros((num_classes, histogram_bins), jnp.float32),
+      label_distribution=jnp.full((num_classes,), 1.0 / num_classes, jnp.float32),
+      prediction_distribution=jnp.full((num_classes,), 1.0 / num_classes, jnp.float32))
 
 
 def make_init_fn(config: ml_collections.ConfigDict, num_classes: int):
@@ -204,8 +221,10 @@ def make_init_fn(config: ml_collections.ConfigDict, num_classes: int):
       variables_a, variables_b = model_init(model_a, rng_a), model_init(model_b, rng_b)
     return RMLState(
         step=jnp.zeros((), jnp.int32),
-        learner_a=_learner(model_a, tx, variables_a, image_shape, num_classes),
-        learner_b=_learner(model_b, tx, variables_b, image_shape, num_classes),
+        learner_a=_learner(model_a, tx, variables_a, image_shape, num_classes,
+                           config.rml.class_balance_bins),
+        learner_b=_learner(model_b, tx, variables_b, image_shape, num_classes,
+                           config.rml.class_balance_bins),
         rng=rng_run, model_a=model_a, model_b=model_b, tx=tx)
 
   return init

@@ -21,8 +21,10 @@ import optax
 from flax import struct
 
 from rml_jax import augment, inference, losses, sharding, soft_labels
+from rml_jax import class_balance as balance_lib
 from rml_jax import metrics as metrics_lib
 from rml_jax import prototypes as prototypes_lib
+from rml_jax import state as state_lib
 from rml_jax.constants import IGNORE_LABEL
 from rml_jax.state import Learner, RMLState
 
@@ -58,52 +60,54 @@ MODES: dict[str, Mode] = {
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """The static hyperparameters of a step (hashable: part of the jit cache key)."""
+  """The static settings of a step (hashable: part of the jit cache key).
 
-  mode: str
+  rml, augment: config.rml and config.augment as they are (frozen); mean, std: the input
+  standardisation; stage_steps: state.stage_length when there are several stages, else 0 (the
+  step count never wraps); stored_labels: a later stage, whose p^0 is the previous stage's
+  stored soft label; evaluation: the protocol of eval, predict and stored soft labels.
+  """
+
   num_classes: int
-  threshold: float
-  unsup_weight: float
-  unsup_rampup_steps: int
-  ema_decay: float
-  bn_stats: str
-  per_student_views: bool  # each student its own strong view and CutMix box (else shared)
-  cutmix_prob: float
-  cutmix_area: tuple[float, float]
+  rml: ml_collections.FrozenConfigDict
+  augment: ml_collections.FrozenConfigDict
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
-  prototype_momentum: float
-  prototype_temperature: float
-  rectify_start_step: int
-  prototypes_from_labeled: bool  # eq. 11 also averages the labeled images' teacher features
-  stage_steps: int  # steps per stage (schedules restart each stage); 0 = a single stage
-  stored_labels: bool  # a later stage: p^0 is the previous stage's stored soft label
-  soft_label_top_k: int
-  evaluation: inference.Protocol  # eval, predict and stored soft labels
+  stage_steps: int
+  stored_labels: bool
+  evaluation: inference.Protocol
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "StepConfig":
     """The step's settings from a config that schema.validate accepted."""
-    rml, evaluation = config.rml, config.eval
-    return cls(mode=rml.mode, num_classes=num_classes, threshold=rml.threshold,
-               unsup_weight=rml.unsup_weight,
-               unsup_rampup_steps=rml.unsup_rampup_steps, ema_decay=rml.ema_decay,
-               bn_stats=rml.bn_stats,
-               per_student_views=config.augment.strong_views == "per_student",
-               cutmix_prob=config.augment.cutmix_prob,
-               cutmix_area=tuple(config.augment.cutmix_area),
+    evaluation = config.eval
+    return cls(num_classes=num_classes, rml=ml_collections.FrozenConfigDict(config.rml),
+               augment=ml_collections.FrozenConfigDict(config.augment),
                mean=tuple(config.data.mean), std=tuple(config.data.std),
-               prototype_momentum=rml.prototype_momentum,
-               prototype_temperature=rml.prototype_temperature,
-               rectify_start_step=rml.rectify_start_step,
-               prototypes_from_labeled=rml.prototypes_from_labeled,
-               stage_steps=config.total_steps if rml.stages > 1 else 0,
+               stage_steps=state_lib.stage_length(config) if config.rml.stages > 1 else 0,
                stored_labels=False,
-               soft_label_top_k=rml.soft_label_top_k,
                evaluation=inference.Protocol(
                    name=evaluation.protocol,
                    window=tuple(evaluation.window or config.data.crop_size),
                    stride=float(evaluation.stride), flip=bool(evaluation.flip)))
+
+  @property
+  def mode(self) -> "Mode":
+    return MODES[self.rml.mode]
+
+  @property
+  def per_student_views(self) -> bool:
+    """Each student its own strong view and CutMix box (else one shared)."""
+    return self.augment.strong_views == "per_student"
+
+
+@struct.dataclass
+class Candidates:
+  """One source's hard pseudo labels before any threshold: labels [N, H, W] int32 and their
+  confidence [N, H, W] float32 (max_k p^0, or eq. 6's after rectification)."""
+
+  labels: jax.Array
+  confidence: jax.Array
 
 
 @struct.dataclass
@@ -114,6 +118,8 @@ class PseudoLabels:
   labels: jax.Array
   valid: jax.Array
 
+
+Metrics = dict[str, jax.Array]
 
 # ---------------------------------------------------------------------------------------------
 # The paper's equations, one function each.
@@ -126,6 +132,11 @@ def pseudo_labels(logits: jax.Array, threshold: float) -> tuple[jax.Array, Pseud
   probs = jax.nn.softmax(logits, axis=-1)
   return probs, PseudoLabels(jnp.argmax(probs, -1).astype(jnp.int32),
                              jnp.max(probs, -1) >= threshold)
+
+
+def candidates_of(probs: jax.Array) -> Candidates:
+  """Soft labels p^0 [N, H, W, K] -> their argmax and its probability (eq. 2 before tau)."""
+  return Candidates(jnp.argmax(probs, -1).astype(jnp.int32), jnp.max(probs, -1))
 
 
 def ema_update(teacher: Any, student: Any, decay: jax.Array) -> Any:
@@ -161,7 +172,7 @@ def teacher_assignment(probs: jax.Array, in_image: jax.Array, height: int, width
 
 def online_prototypes(learner: Learner, features: jax.Array, labels: jax.Array,
                       step: jax.Array, cfg: StepConfig) -> Learner:
-  """Eq. 11 for one teacher from step cfg.rectify_start_step on (the train loop computes the
+  """Eq. 11 for one teacher from step rml.rectify_start_step on (the train loop computes the
   exact eq. 10 prototypes at that step; before it the prototypes are not used).
 
   features: [N, h, w, C] the teacher's features; labels: [N, h, w] int32 its argmax
@@ -169,44 +180,54 @@ def online_prototypes(learner: Learner, features: jax.Array, labels: jax.Array,
   """
   seen = learner.prototypes_seen
   moved = prototypes_lib.update_prototypes(learner.prototypes, features, labels,
-                                           cfg.prototype_momentum, seen=seen)
+                                           cfg.rml.prototype_momentum, seen=seen)
   moved_seen = seen | prototypes_lib.classes_present(labels, cfg.num_classes)
-  started = step >= cfg.rectify_start_step
+  started = step >= cfg.rml.rectify_start_step
   return learner.replace(prototypes=jnp.where(started, moved, learner.prototypes),
                          prototypes_seen=jnp.where(started, moved_seen, seen))
 
 
-def self_rectify(learner: Learner, probs: jax.Array, features: jax.Array, step: jax.Array,
-                 cfg: StepConfig) -> tuple[PseudoLabels, jax.Array]:
+def self_rectify(learner: Learner, probs: jax.Array, features: jax.Array, in_image: jax.Array,
+                 step: jax.Array, cfg: StepConfig) -> tuple[Candidates, Metrics]:
   """Section 4.2 for one teacher: class confidence (eq. 9) and the rectified labels (eq. 6).
 
   Args:
     learner: holds the teacher's prototypes [K, C] and prototypes_seen [K].
-    probs: [N, H, W, K] the soft labels p^0; features: [N, h, w, C] the teacher's features.
-    step: scalar int; rectification is applied from cfg.rectify_start_step on, once every class
-      has a prototype (before that the labels are p^0's argmax).
+    probs: [N, H, W, K] the soft labels p^0; features: [N, h, w, C] the teacher's features;
+    in_image: [N, H, W] bool (the pixels the metrics average over).
+    step: scalar int; rectification is applied from rml.rectify_start_step on, with the classes
+      that have a prototype: eq. 9's softmax runs over those, and a pixel whose p^0 label has
+      no prototype yet keeps p^0's label and confidence.
   Returns:
-    (pseudo labels whose `valid` thresholds the rectified confidence (not yet masked to the
-     image), applied: scalar bool).
+    (the rectified candidates, {'rectified_classes': classes rectified with (0 before the
+     start), 'omega_entropy': eq. 9's mean entropy in nats over in-image pixels}).
   """
   _, height, width, _ = probs.shape
-  confidence = prototypes_lib.class_confidence(features, learner.prototypes,
-                                               cfg.prototype_temperature)
-  confidence = prototypes_lib.resize_to(confidence, height, width)  # K channels only
-  rectified, rectified_confidence = prototypes_lib.rectify(probs, confidence)
-  applied = jnp.all(learner.prototypes_seen) & (step >= cfg.rectify_start_step)
-  labels = jnp.where(applied, rectified, jnp.argmax(probs, -1).astype(jnp.int32))
-  label_confidence = jnp.where(applied, rectified_confidence, jnp.max(probs, -1))
-  return PseudoLabels(labels, label_confidence >= cfg.threshold), applied
+  seen = learner.prototypes_seen
+  applied = (step >= cfg.rml.rectify_start_step) & jnp.any(seen)
+  # With no class seen yet, any mask keeps the softmax finite; `applied` discards it.
+  omega = prototypes_lib.class_confidence(features, learner.prototypes,
+                                          cfg.rml.prototype_temperature,
+                                          seen=jnp.where(applied, seen, True))
+  omega = prototypes_lib.resize_to(omega, height, width)  # K channels only
+  rectified, rectified_confidence = prototypes_lib.rectify(probs, omega)
+  raw = candidates_of(probs)
+  use = applied & seen[raw.labels]
+  candidates = Candidates(jnp.where(use, rectified, raw.labels),
+                          jnp.where(use, rectified_confidence, raw.confidence))
+  metrics = {"rectified_classes": jnp.where(applied, jnp.sum(seen), 0),
+             "omega_entropy": jnp.where(applied, prototypes_lib.omega_entropy(omega, in_image),
+                                        0.0)}
+  return candidates, metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# The unlabeled branch: pseudo labels for both students.
+# The unlabeled branch: sources -> p^0 -> rectification -> class balance -> CutMix per student.
 # ---------------------------------------------------------------------------------------------
 
 
 def _pseudo_label_metrics(name: str, pseudo: PseudoLabels, gt: jax.Array, in_image: jax.Array,
-                          num_classes: int) -> dict[str, jax.Array]:
+                          num_classes: int) -> Metrics:
   """Sums for pseudo-label accuracy (all in-image pixels and confident ones), the confident
   ratio, and per-class sums `plk_<sum>_<name>` [K] (metrics.pseudo_label_class_counts)."""
   out = {f"plk_{k}_{name}": v for k, v in metrics_lib.pseudo_label_class_counts(
@@ -215,8 +236,13 @@ def _pseudo_label_metrics(name: str, pseudo: PseudoLabels, gt: jax.Array, in_ima
       pseudo.labels, gt, in_image)
   out[f"plc_correct_{name}"], out[f"plc_counted_{name}"] = metrics_lib.pseudo_label_accuracy(
       pseudo.labels, gt, pseudo.valid)
-  out[f"confident_ratio_{name}"] = jnp.sum(pseudo.valid) / jnp.maximum(jnp.sum(in_image), 1)
+  out[f"confident_ratio_{name}"] = _share(pseudo.valid, in_image)
   return out
+
+
+def _share(mask: jax.Array, in_image: jax.Array) -> jax.Array:
+  """The share of in-image pixels [N, H, W] bool where mask [N, H, W] bool holds."""
+  return jnp.sum(mask & in_image) / jnp.maximum(jnp.sum(in_image), 1)
 
 
 def source_outputs(state: RMLState, weak: jax.Array, mode: Mode) -> tuple[dict, dict]:
@@ -233,87 +259,200 @@ def _split_batch(output: dict[str, jax.Array], first: int) -> tuple[dict, dict]:
   return ({k: v[:first] for k, v in output.items()}, {k: v[first:] for k, v in output.items()})
 
 
-def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax.Array,
-                      step: jax.Array, cfg: StepConfig, metrics: dict[str, jax.Array],
-                      labeled_weak: jax.Array | None = None,
-                      labeled_known: jax.Array | None = None
-                      ) -> tuple[tuple[Learner, Learner], tuple[jax.Array, jax.Array],
-                                 tuple[tuple[PseudoLabels, ...], ...]]:
-  """Both sources' pseudo labels on the unlabeled batch, and CutMix applied to each student's
-  strong view and to the labels it learns from. Adds the pseudo-label metrics to `metrics`.
+def coupling_metrics(probs_a: jax.Array, probs_b: jax.Array, in_image: jax.Array) -> Metrics:
+  """The two sources' coupling (the paper's Figure 2) on probs [N, H, W, K]: total variation
+  and the share of in-image pixels whose argmax differs."""
+  disagree = jnp.argmax(probs_a, -1) != jnp.argmax(probs_b, -1)
+  return {"teacher_tv": metrics_lib.total_variation(probs_a, probs_b),
+          "teacher_disagreement": _share(disagree, in_image)}
 
-  labeled_weak: the normalised labeled images [Nl, H, W, 3]; with cfg.prototypes_from_labeled
-  their teacher features join the prototype update (eq. 10 runs over D_l and D_u), where
-  labeled_known [Nl, H, W] bool (default everywhere) marks pixels that are not crop padding.
-  Returns ((learner a, learner b) with updated prototypes, per student its mixed normalised
-  strong view [N, H, W, 3], per student the mixed PseudoLabels of its mode.routes).
+
+def initial_soft_labels(source_probs: tuple[jax.Array, jax.Array], unlabeled: dict[str, jax.Array],
+                        cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+  """p^0 of both sources [N, H, W, K]: the sources' softmax, or in a later stage the previous
+  stage's teachers' soft labels stored offline (unlabeled['soft_classes'|'soft_probs'])."""
+  if not cfg.stored_labels:
+    return source_probs
+  k = cfg.rml.soft_label_top_k
+  return tuple(soft_labels.decode(unlabeled["soft_classes"][..., part],
+                                  unlabeled["soft_probs"][..., part], cfg.num_classes)
+               for part in (slice(None, k), slice(k, None)))
+
+
+def distribution_alignment(learners: tuple[Learner, Learner], soft: tuple[jax.Array, jax.Array],
+                           in_image: jax.Array, labeled_labels: jax.Array | None,
+                           cfg: StepConfig) -> tuple[tuple[Learner, Learner],
+                                                     tuple[jax.Array, jax.Array], Metrics]:
+  """With rml.distribution_alignment (class_balance.py): each source's running class shares of
+  the labeled pixels (labeled_labels [Nl, H, W], IGNORE_LABEL where void or padding; None: kept)
+  and of its p^0 on the in-image pixels take this batch, and p^0 [N, H, W, K] becomes the
+  aligned distribution. Returns (learners, p^0 per source, metrics `predicted_share_min_X`:
+  the smallest running predicted share over the labeled one, how far the rarest class lags)."""
+  if not cfg.rml.distribution_alignment:
+    return learners, soft, {}
+  momentum = cfg.rml.class_balance_momentum
+  updated, aligned, metrics = [], [], {}
+  for name, learner, probs in zip(("a", "b"), learners, soft):
+    label_shares = learner.label_distribution
+    if labeled_labels is not None:
+      known = labeled_labels != IGNORE_LABEL
+      label_shares = balance_lib.update_distribution(
+          label_shares, balance_lib.class_shares(labeled_labels, known, cfg.num_classes),
+          momentum, jnp.any(known))
+    predicted = balance_lib.update_distribution(
+        learner.prediction_distribution, balance_lib.mean_prediction(probs, in_image), momentum,
+        jnp.any(in_image))
+    aligned.append(balance_lib.align_distribution(probs, label_shares, predicted))
+    updated.append(learner.replace(label_distribution=label_shares,
+                                   prediction_distribution=predicted))
+    metrics[f"predicted_share_min_{name}"] = jnp.min(predicted / jnp.maximum(label_shares, 1e-6))
+  return tuple(updated), tuple(aligned), metrics
+
+
+def rectification(learners: tuple[Learner, Learner], soft: tuple[jax.Array, jax.Array],
+                  outputs: tuple[dict, dict], labeled_outputs: tuple[dict, dict] | None,
+                  labeled_known: jax.Array | None, in_image: jax.Array, step: jax.Array,
+                  cfg: StepConfig) -> tuple[tuple[Learner, Learner], tuple[Candidates, ...],
+                                            Metrics]:
+  """Section 4.2 for both sources: eq. 11 moves each teacher's prototypes with its features on
+  the unlabeled (and, with labeled_outputs, the labeled) images, each assigned to the current
+  teacher's argmax (eq. 10's rule); then eqs. 9 and 6 rectify p^0.
+
+  soft: p^0 per source [N, H, W, K]; outputs / labeled_outputs: the teachers' {'logits',
+  'features'} on the unlabeled / labeled images; labeled_known: [Nl, H, W] bool, the labeled
+  pixels that are neither crop padding nor void. Returns (learners with moved prototypes,
+  rectified candidates per source, metrics `rectified_classes_X`, `omega_entropy_X`).
   """
-  mode = MODES[cfg.mode]
-  learners = (state.learner_a, state.learner_b)
-  weak = inference.normalize(unlabeled["weak"], cfg.mean, cfg.std)
-  strong = inference.normalize(unlabeled["strong"], cfg.mean, cfg.std)  # [N, V, H, W, 3]
-  in_image, gt = unlabeled["valid"], unlabeled["label"]
-  with_labeled = mode.rectify and cfg.prototypes_from_labeled and labeled_weak is not None
-  num_labeled = labeled_weak.shape[0] if with_labeled else 0
-  outputs = source_outputs(state, jnp.concatenate([labeled_weak, weak]) if with_labeled
-                           else weak, mode)
-  if with_labeled:
-    labeled_outputs, outputs = zip(*(_split_batch(o, num_labeled) for o in outputs))
-  (probs_a, pseudo_a), (probs_b, pseudo_b) = (pseudo_labels(o["logits"], cfg.threshold)
-                                              for o in outputs)
-  metrics["teacher_tv"] = metrics_lib.total_variation(probs_a, probs_b)  # coupling (Fig. 2)
-  metrics["teacher_disagreement"] = jnp.sum(
-      (pseudo_a.labels != pseudo_b.labels) & in_image) / jnp.maximum(jnp.sum(in_image), 1)
-  teacher_probs = (probs_a, probs_b)
-  probs = [probs_a, probs_b]
-  pseudo = [pseudo_a, pseudo_b]
-  if cfg.stored_labels:  # p^0 = the previous stage's teachers' soft labels, stored offline
-    k = cfg.soft_label_top_k
-    for i, part in enumerate((slice(None, k), slice(k, None))):
-      probs[i] = soft_labels.decode(unlabeled["soft_classes"][..., part],
-                                    unlabeled["soft_probs"][..., part], cfg.num_classes)
-      pseudo[i] = PseudoLabels(jnp.argmax(probs[i], -1).astype(jnp.int32),
-                               jnp.max(probs[i], -1) >= cfg.threshold)
-  if mode.rectify:
-    for name, p in zip(("raw_a", "raw_b"), pseudo):
-      metrics.update(_pseudo_label_metrics(name, p.replace(valid=p.valid & in_image), gt,
-                                           in_image, cfg.num_classes))
-    updated = []
-    for i, learner in enumerate(learners):
-      features = outputs[i]["features"]
-      _, h, w, _ = features.shape
-      labels = teacher_assignment(teacher_probs[i], in_image, h, w)  # eq. 10: current teacher
-      if with_labeled:
-        labeled_probs = jax.nn.softmax(labeled_outputs[i]["logits"], axis=-1)
-        known = (jnp.ones(labeled_probs.shape[:3], bool) if labeled_known is None
-                 else labeled_known)
-        features = jnp.concatenate([labeled_outputs[i]["features"], features])
-        labels = jnp.concatenate([teacher_assignment(labeled_probs, known, h, w), labels])
-      updated.append(online_prototypes(learner, features, labels, step, cfg))
-    learners = tuple(updated)
-    rectified = [self_rectify(learner, probs[i], outputs[i]["features"], step, cfg)
-                 for i, learner in enumerate(learners)]
-    pseudo = [r[0] for r in rectified]
-    metrics["rectified"] = rectified[0][1].astype(jnp.float32)
-  pseudo = [p.replace(valid=p.valid & in_image) for p in pseudo]
-  for name, p in zip(("a", "b"), pseudo):
-    metrics.update(_pseudo_label_metrics(name, p, gt, in_image, cfg.num_classes))
-  # CutMix on device, one box per sample: a student's strong view and the labels and masks it
-  # learns from are mixed with the same box; with per-student views each student has its own.
+  updated, candidates, metrics = [], [], {}
+  for i, (name, learner) in enumerate(zip(("a", "b"), learners)):
+    features = outputs[i]["features"]
+    _, h, w, _ = features.shape
+    teacher_probs = jax.nn.softmax(outputs[i]["logits"], axis=-1)
+    labels = teacher_assignment(teacher_probs, in_image, h, w)  # eq. 10: the current teacher
+    all_features = features
+    if labeled_outputs is not None:
+      labeled_probs = jax.nn.softmax(labeled_outputs[i]["logits"], axis=-1)
+      all_features = jnp.concatenate([labeled_outputs[i]["features"], features])
+      labels = jnp.concatenate([teacher_assignment(labeled_probs, labeled_known, h, w), labels])
+    learner = online_prototypes(learner, all_features, labels, step, cfg)
+    rectified, rectify_metrics = self_rectify(learner, soft[i], features, in_image, step, cfg)
+    metrics.update({f"{k}_{name}": v for k, v in rectify_metrics.items()})
+    updated.append(learner)
+    candidates.append(rectified)
+  return tuple(updated), tuple(candidates), metrics
+
+
+def class_balance(learners: tuple[Learner, Learner], candidates: tuple[Candidates, ...],
+                  in_image: jax.Array, cfg: StepConfig
+                  ) -> tuple[tuple[Learner, Learner], tuple[PseudoLabels, ...], Metrics]:
+  """Each source's per-class thresholds (class_balance.py) and the pseudo labels that pass
+  them: every source's running confidence histogram takes this batch's in-image candidates,
+  then rml.class_balance turns it into thresholds [K] (all tau for 'none', which leaves the
+  histograms as they are), and a pixel is valid where it is in the image and its confidence
+  reaches its label's threshold.
+
+  Returns (learners with updated histograms, PseudoLabels per source, metrics
+  `class_threshold_X` [K]).
+  """
+  rml = cfg.rml
+  updated, pseudo, metrics = [], [], {}
+  for name, learner, candidate in zip(("a", "b"), learners, candidates):
+    histogram = learner.confidence_histogram  # 'none' neither reads nor updates it
+    if rml.class_balance != "none":
+      batch = balance_lib.confidence_histogram(candidate.labels, candidate.confidence, in_image,
+                                               cfg.num_classes, rml.class_balance_bins)
+      histogram = balance_lib.update_histogram(histogram, batch, rml.class_balance_momentum)
+    thresholds = balance_lib.class_thresholds(rml.class_balance, histogram, rml.threshold,
+                                              rml.class_balance_portion, rml.class_balance_floor)
+    valid = in_image & (candidate.confidence >= thresholds[candidate.labels])
+    updated.append(learner.replace(confidence_histogram=histogram))
+    pseudo.append(PseudoLabels(candidate.labels, valid))
+    metrics[f"class_threshold_{name}"] = thresholds
+  return tuple(updated), tuple(pseudo), metrics
+
+
+def cutmix_per_student(strong: jax.Array, pseudo: tuple[PseudoLabels, ...], rng: jax.Array,
+                       cfg: StepConfig) -> tuple[tuple[jax.Array, ...],
+                                                 tuple[tuple[PseudoLabels, ...], ...]]:
+  """CutMix on device, one box per sample: a student's strong view and the labels and masks it
+  learns from are mixed with the same box; with per-student views each student has its own.
+
+  strong: [N, V, H, W, 3] normalised strong views (V = 2 per student, or 1 shared); pseudo: the
+  two sources' labels. Returns (per student its mixed view [N, H, W, 3], per student the mixed
+  PseudoLabels of its mode.routes).
+  """
   n, h, w = pseudo[0].labels.shape
   arrays = [a for p in pseudo for a in (p.labels, p.valid)]
   mixed_views = []
   for view in range(strong.shape[1]):
     view_rng = jax.random.fold_in(rng, view) if cfg.per_student_views else rng
-    box = augment.cutmix_box_masks(view_rng, n, h, w, cfg.cutmix_prob, cfg.cutmix_area)
+    box = augment.cutmix_box_masks(view_rng, n, h, w, cfg.augment.cutmix_prob,
+                                   tuple(cfg.augment.cutmix_area))
     image, labels_a, valid_a, labels_b, valid_b = augment.cutmix(box, strong[:, view], *arrays)
     mixed_views.append((image, (PseudoLabels(labels_a, valid_a), PseudoLabels(labels_b, valid_b))))
   views, targets = [], []
-  for student, route in enumerate(mode.routes):
+  for student, route in enumerate(cfg.mode.routes):
     image, mixed = mixed_views[student if cfg.per_student_views else 0]
     views.append(image)
     targets.append(tuple(mixed[source] for source in route))
-  return learners, tuple(views), tuple(targets)
+  return tuple(views), tuple(targets)
+
+
+def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax.Array,
+                      step: jax.Array, cfg: StepConfig, labeled_weak: jax.Array | None = None,
+                      labeled_labels: jax.Array | None = None
+                      ) -> tuple[tuple[Learner, Learner], tuple[jax.Array, ...],
+                                 tuple[tuple[PseudoLabels, ...], ...], Metrics]:
+  """The unlabeled branch of a step: sources -> p^0 (-> distribution alignment) ->
+  rectification (rml) -> class balance -> CutMix per student.
+
+  unlabeled: {'weak' [N, H, W, 3] uint8, 'strong' [N, V, H, W, 3] uint8, 'valid' [N, H, W]
+  bool, 'label' [N, H, W] int32 (hidden truth, for metrics only)} (+ stored soft labels).
+  labeled_weak: the normalised labeled images [Nl, H, W, 3]; with rml.prototypes_from_labeled
+  their teacher features join the prototype update (eq. 10 runs over D_l and D_u) where
+  labeled_labels [Nl, H, W] int32 is not IGNORE_LABEL (crop padding, void; default: every
+  pixel counts), which also give distribution alignment the labeled class shares.
+  Returns ((learner a, learner b) with updated prototypes and histograms, per student its
+  mixed normalised strong view, per student the mixed PseudoLabels of its mode.routes, the
+  branch's metrics).
+  """
+  mode = cfg.mode
+  weak = inference.normalize(unlabeled["weak"], cfg.mean, cfg.std)
+  strong = inference.normalize(unlabeled["strong"], cfg.mean, cfg.std)
+  in_image, gt = unlabeled["valid"], unlabeled["label"]
+  with_labeled = mode.rectify and cfg.rml.prototypes_from_labeled and labeled_weak is not None
+  outputs = source_outputs(state, jnp.concatenate([labeled_weak, weak]) if with_labeled
+                           else weak, mode)
+  labeled_outputs = None
+  labeled_known = None
+  if with_labeled:
+    labeled_outputs, outputs = zip(*(_split_batch(o, labeled_weak.shape[0]) for o in outputs))
+    labeled_known = (jnp.ones(labeled_weak.shape[:3], bool) if labeled_labels is None
+                     else labeled_labels != IGNORE_LABEL)
+  source_probs = tuple(jax.nn.softmax(o["logits"], axis=-1) for o in outputs)
+  metrics = coupling_metrics(*source_probs, in_image)
+  soft = initial_soft_labels(source_probs, unlabeled, cfg)
+  learners, soft, align_metrics = distribution_alignment(
+      (state.learner_a, state.learner_b), soft, in_image, labeled_labels, cfg)
+  metrics.update(align_metrics)
+  candidates = tuple(candidates_of(p) for p in soft)
+  if mode.rectify:
+    for name, c in zip(("raw_a", "raw_b"), candidates):
+      metrics.update(_pseudo_label_metrics(name, PseudoLabels(
+          c.labels, in_image & (c.confidence >= cfg.rml.threshold)), gt, in_image,
+          cfg.num_classes))
+    learners, candidates, rectify_metrics = rectification(
+        learners, soft, outputs, labeled_outputs, labeled_known, in_image, step, cfg)
+    metrics.update(rectify_metrics)
+    for name, c in zip(("a", "b"), candidates):  # the single tau after eq. 6, before balancing
+      metrics[f"confident_ratio_rectified_{name}"] = _share(c.confidence >= cfg.rml.threshold,
+                                                            in_image)
+  learners, pseudo, balance_metrics = class_balance(learners, candidates, in_image, cfg)
+  metrics.update(balance_metrics)
+  for name, p in zip(("a", "b"), pseudo):
+    metrics.update(_pseudo_label_metrics(name, p, gt, in_image, cfg.num_classes))
+  views, targets = cutmix_per_student(strong, pseudo, rng, cfg)
+  return learners, views, targets, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +556,6 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
                ) -> tuple[RMLState, dict[str, jax.Array]]:
   """One step of the configured rung of the ladder (MODES) on a global batch (see
   input_pipeline for its layout). Returns the new state and a dict of float32 scalar metrics."""
-  mode = MODES[cfg.mode]
   rng = jax.random.fold_in(state.rng, state.step)
   cutmix_rng, rng_a, rng_b = jax.random.split(rng, 3)
   # Step within the current stage: ramp-ups and warm-ups restart with every stage.
@@ -425,18 +563,18 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
   labeled_images = inference.normalize(batch["labeled"]["image"], cfg.mean, cfg.std)
   labels = batch["labeled"]["label"]
   learners = (state.learner_a, state.learner_b)
-  metrics: dict[str, jax.Array] = {}
+  metrics: Metrics = {}
   targets: tuple[tuple[PseudoLabels, ...], ...] = ((), ())
   inputs = (labeled_images, labeled_images)
-  if mode.unlabeled:
-    # Labeled pixels with a label: crop padding (and void) stay out of the prototypes.
-    learners, views, targets = unlabeled_targets(state, batch["unlabeled"], cutmix_rng,
-                                                 local_step, cfg, metrics, labeled_images,
-                                                 labels != IGNORE_LABEL)
-    inputs = tuple((labeled_images, view) if cfg.bn_stats == "labeled"
+  if cfg.mode.unlabeled:
+    # Labeled pixels with a label: crop padding (and void) stay out of the prototypes and the
+    # labeled class shares.
+    learners, views, targets, metrics = unlabeled_targets(
+        state, batch["unlabeled"], cutmix_rng, local_step, cfg, labeled_images, labels)
+    inputs = tuple((labeled_images, view) if cfg.rml.bn_stats == "labeled"
                    else jnp.concatenate([labeled_images, view], axis=0) for view in views)
-  unsup_weight = unsup_weight_at(local_step, cfg.unsup_weight, cfg.unsup_rampup_steps)
-  decay = ema_decay_at(local_step, cfg.ema_decay)
+  unsup_weight = unsup_weight_at(local_step, cfg.rml.unsup_weight, cfg.rml.unsup_rampup_steps)
+  decay = ema_decay_at(local_step, cfg.rml.ema_decay)
   updated = []
   for name, learner, previous, model, key, student_inputs, target in zip(
       ("a", "b"), learners, (state.learner_a, state.learner_b), (state.model_a, state.model_b),
@@ -448,7 +586,7 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
     metrics.update({f"{k}_{name}": v for k, v in {**aux, **update_metrics}.items()})
     updated.append(learner)
   new_state = state.replace(step=state.step + 1, learner_a=updated[0], learner_b=updated[1])
-  # Scalars, and [K] per-class sums (keys plk_*).
+  # Scalars, and [K] per-class vectors (keys plk_* and class_threshold_*).
   return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
 

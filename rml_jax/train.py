@@ -51,7 +51,7 @@ class Due:
 
 def due(config: ml_collections.ConfigDict, step: int) -> Due:
   """The actions due after global step `step` (1-based); the end of a stage does all three."""
-  stage_end = step % config.total_steps == 0
+  stage_end = step % state.stage_length(config) == 0
   return Due(log=stage_end or step % config.log_every == 0,
              eval=stage_end or step % config.eval_every == 0,
              save=stage_end or step % config.checkpoint_every == 0)
@@ -73,13 +73,21 @@ def summarize_train_metrics(history: list[dict[str, np.ndarray]],
 
   Count pairs `pl_correct_X` / `pl_counted_X` (all in-image pixels) and `plc_...` (confident
   pixels only) become `pseudo_label_acc_X` and `confident_pseudo_label_acc_X`; the per-class
-  sums `plk_<sum>_X` [K] become `pseudo_labels/X/<class>/share|precision|recall`
-  (metrics.pseudo_label_class_report; classes without pixels to divide by are left out).
+  sums `plk_<sum>_X` [K] become `pseudo_labels/X/<class>/share|truth_share|precision|recall`
+  (metrics.pseudo_label_class_report; classes without pixels to divide by are left out), and
+  the thresholds in force `class_threshold_X` [K] their means `pseudo_labels/X/<class>/threshold`.
   """
   stacked = {k: np.stack([h[k] for h in history]) for k in history[0]}
   counters = [k for k in stacked if k.startswith(("pl_correct_", "pl_counted_", "plc_correct_",
                                                    "plc_counted_", "plk_"))]
-  out = {k: float(v.mean()) for k, v in stacked.items() if k not in counters}
+  per_class = [k for k in stacked if k.startswith("class_threshold_")]
+  out = {k: float(v.mean()) for k, v in stacked.items() if k not in counters + per_class}
+  for key in per_class:
+    source = key[len("class_threshold_"):]
+    means = stacked[key].mean(0)
+    names = class_names or tuple(str(i) for i in range(len(means)))
+    out.update({f"pseudo_labels/{source}/{names[c]}/threshold": float(means[c])
+                for c in range(len(means))})
   for key in counters:
     if key.startswith("plk_confident_"):
       source = key[len("plk_confident_"):]
@@ -179,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with_unlabeled = MODES[config.rml.mode].unlabeled
   rectify = MODES[config.rml.mode].rectify
-  stage_steps = config.total_steps  # each stage runs total_steps (the paper: 90k x 2 stages)
+  stage_steps = state.stage_length(config)
   final_step = stage_steps * config.rml.stages
 
   def make_iterator(stage: int):
@@ -217,8 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for current in range(max(last_step, stage * stage_steps) + 1,
                            (stage + 1) * stage_steps + 1):
         if rectify and current - 1 == stage * stage_steps + config.rml.rectify_start_step:
-          train_state = _exact_prototypes(program, run, sources,
-                                          np.concatenate([labeled_idx, unlabeled_idx]),
+          train_state = _exact_prototypes(program, run, sources, labeled_idx, unlabeled_idx,
                                           train_state, current - 1,
                                           should_stop=lambda: stop.received is not None)
           if stop.received is not None:  # the partial sums resume with the next run
@@ -291,7 +298,7 @@ def _resume_or_start(program: Program, run: Workdir, make_iterator: Callable[[in
   problems = []
   for latest in reversed(steps):
     # The checkpoint of step t holds the iterator of the stage that ran step t.
-    stage = stage_of(latest, program.config.total_steps) if latest else 0
+    stage = stage_of(latest, state.stage_length(program.config)) if latest else 0
     data_iter = make_iterator(stage)
     try:
       train_state = checkpointer.restore(latest, program.abstract_state, program.meta,
@@ -323,10 +330,10 @@ def _log_interval(config: ml_collections.ConfigDict, writer, step: int, stage: i
   diagnostics."""
   scalars = summarize_train_metrics(history, class_names)
   schedule = state.learning_rate_schedule(config)
-  scalars.update(learning_rate=float(schedule((step - 1) % config.total_steps)),
+  scalars.update(learning_rate=float(schedule((step - 1) % state.stage_length(config))),
                  stage=float(stage + 1), input_wait_fraction=input_wait)
   writer.write_scalars(step, scalars)
-  logging.info("step %d/%d: %s", step, config.total_steps * config.rml.stages,
+  logging.info("step %d/%d: %s", step, state.stage_length(config) * config.rml.stages,
                ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
                          if not k.startswith("pseudo_labels/")))
   writer.flush()
@@ -364,10 +371,13 @@ def _label_unlabeled(program: Program, run: Workdir, sources, unlabeled_idx: np.
   return complete
 
 
-def _exact_prototypes(program: Program, run: Workdir, sources, indices: np.ndarray, train_state,
-                      step: int, should_stop: Callable[[], bool]):
-  """Eq. 10 before step `step` + 1: both mean teachers' prototypes from every train image
-  (`indices`: labeled and unlabeled) at the resolution the train pipeline reads them.
+def _exact_prototypes(program: Program, run: Workdir, sources, labeled_idx: np.ndarray,
+                      unlabeled_idx: np.ndarray, train_state, step: int,
+                      should_stop: Callable[[], bool]):
+  """Eq. 10 before step `step` + 1: both mean teachers' prototypes from every train image at the
+  resolution the train pipeline reads them: the unlabeled images, and the labeled ones with
+  rml.prototypes_from_labeled. The pixels are those eq. 11's online update takes: inside the
+  image, and on a labeled image not void.
 
   Sums accumulate on device; every few batches they are stored in the workdir, so a stopped
   pass resumes where it was. Returns the state with the exact prototypes, or `train_state`
@@ -376,6 +386,8 @@ def _exact_prototypes(program: Program, run: Workdir, sources, indices: np.ndarr
   config = program.config
   resize = config.data.resize
   pad_to = None if resize else config.eval.pad_to
+  num_labeled = len(labeled_idx) if config.rml.prototypes_from_labeled else 0
+  indices = np.concatenate([labeled_idx[:num_labeled], unlabeled_idx])
   stored = run.read_prototype_sums(step)
   done, sums, counts = stored if stored is not None else (0, 0.0, 0.0)
   if stored is not None and done < len(indices):
@@ -387,8 +399,10 @@ def _exact_prototypes(program: Program, run: Workdir, sources, indices: np.ndarr
     if should_stop():
       run.write_prototype_sums(step, done, *jax.device_get((sums, counts)))
       return train_state
+    labeled = (done + np.arange(len(batch["image"])) < num_labeled)[:, None, None]
+    pixels = batch["valid"] & ~(labeled & (batch["label"] == IGNORE_LABEL))
     batch_sums, batch_counts = program.prototype_sums_fn(
-        train_state, sharding.to_global({"image": batch["image"], "valid": batch["valid"]},
+        train_state, sharding.to_global({"image": batch["image"], "valid": pixels},
                                         program.mesh))
     sums, counts = sums + batch_sums, counts + batch_counts
     done = min(done + batch_size, len(indices))

@@ -12,8 +12,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # docs/design.md's layers, lowest first: a module imports modules of its own or a lower layer.
 LAYERS = (
     ("constants", "errors", "storage", "config_args", "compilation_cache"),
-    ("losses", "prototypes", "metrics", "augment", "sharding", "soft_labels", "weights",
-     "visualize", "models", "datasets", "state", "checkpoint"),
+    ("losses", "prototypes", "class_balance", "metrics", "augment", "sharding", "soft_labels",
+     "weights", "visualize", "models", "datasets", "state", "checkpoint"),
     ("inference",),
     ("step",),
     ("input_pipeline", "schema", "workdir"),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import city, digits
+from configs import city, city_setr, digits
 from rml_jax import models, state
 
 
@@ -26,7 +26,8 @@ def _paths(tree):
 
 
 def test_sgd_decays_kernels_only():
-  config = city.get_config("cpu,model.frozen_bn=False")  # SGD, lr 1e-4, decay 5e-4
+  # SGD, lr 1e-4, decay 5e-4, one rate for every parameter.
+  config = city.get_config("cpu,model.frozen_bn=False,optimizer.lr_multipliers=()")
   params = _params(config)
   tx = state.make_optimizer(config)
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -108,7 +109,7 @@ def test_groups_keep_the_optimizer_state_of_a_config_without_them():
   norm), so checkpoints written before groups existed restore."""
   import optax
 
-  config = city.get_config("cpu")  # frozen_bn=True
+  config = city.get_config("cpu,optimizer.lr_multipliers=()")  # frozen_bn=True
   params = _params(config)
   opt_state = state.make_optimizer(config).init(params)
   assert set(opt_state.inner_states) == {"train", "frozen"}
@@ -119,3 +120,15 @@ def test_groups_keep_the_optimizer_state_of_a_config_without_them():
   assert jax.tree.structure(opt_state) == jax.tree.structure(before_groups)
   plain = digits.get_config()
   assert not hasattr(state.make_optimizer(plain).init(_params(plain)), "inner_states")
+
+
+def test_paper_configs_train_the_new_layers_at_ten_times_the_rate():
+  """DeepLabv2's fine-tuning protocol: the randomly initialised ASPP head (and SETR's decoder)
+  at 10x, every backbone or encoder parameter at the base rate."""
+  for config in (city.get_config("cpu"), city_setr.get_config("cpu")):
+    multipliers = config.optimizer.lr_multipliers
+    for name in (config.model.name, config.model_b.name or config.model.name):
+      for path, _ in _paths(_params(config, name)).items():
+        text = "/".join(part.strip("[']") for part in path.split("]") if part)
+        expected = 10.0 if text.startswith(("head/", "decode_", "classifier/")) else 1.0
+        assert state.lr_multiplier_of(text, multipliers) == expected, (name, text)

@@ -155,10 +155,10 @@ def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, v
   train_state = program.fresh_state(jax.random.key(0))
   unlabeled = _unlabeled_batch(2 if views == "per_student" else 1)
   rng = jax.random.key(9)
-  _, mixed_views, targets = step.unlabeled_targets(
-      train_state, jax.tree.map(jnp.asarray, unlabeled), rng, jnp.asarray(0), cfg, {})
+  _, mixed_views, targets, _ = step.unlabeled_targets(
+      train_state, jax.tree.map(jnp.asarray, unlabeled), rng, jnp.asarray(0), cfg)
   weak = inference.normalize(jnp.asarray(unlabeled["weak"]), cfg.mean, cfg.std)
-  plain = [step.pseudo_labels(o["logits"], cfg.threshold)[1]
+  plain = [step.pseudo_labels(o["logits"], cfg.rml.threshold)[1]
            for o in step.source_outputs(train_state, weak, step.MODES["iml"])]
   strong = np.asarray(inference.normalize(jnp.asarray(unlabeled["strong"]), cfg.mean, cfg.std))
 
@@ -171,7 +171,7 @@ def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, v
     view = student if views == "per_student" else 0
     box = np.asarray(augment.cutmix_box_masks(
         jax.random.fold_in(rng, view) if views == "per_student" else rng, 2, 64, 64, 1.0,
-        cfg.cutmix_area))
+        cfg.augment.cutmix_area))
     boxes.append(box)
     np.testing.assert_allclose(mixed_views[student], mixed(box, strong[:, view]), rtol=1e-6)
     for source, target in zip(plain, targets[student]):  # iml: both teachers teach each student
@@ -193,7 +193,7 @@ def test_stage_two_assigns_prototype_classes_by_the_current_teacher(data_dir):
   cfg = dataclasses.replace(program.step_config, stored_labels=True)
   train_state = program.fresh_state(jax.random.key(0))
   unlabeled = _unlabeled_batch(2)
-  k = cfg.soft_label_top_k
+  k = cfg.rml.soft_label_top_k
   # p^0: class 7 everywhere with probability 1 for both teachers (the rest of the top k: 0).
   stored_classes = np.zeros((2, 64, 64, 2 * k), np.uint8)
   stored_classes[..., 0] = stored_classes[..., k] = 7
@@ -201,8 +201,8 @@ def test_stage_two_assigns_prototype_classes_by_the_current_teacher(data_dir):
   stored_probs[..., 0] = stored_probs[..., k] = 255
   unlabeled.update(soft_classes=stored_classes, soft_probs=stored_probs)
   batch = jax.tree.map(jnp.asarray, unlabeled)
-  learners, _, _ = step.unlabeled_targets(train_state, batch, jax.random.key(9),
-                                          jnp.asarray(0), cfg, {})
+  learners, _, _, _ = step.unlabeled_targets(train_state, batch, jax.random.key(9),
+                                             jnp.asarray(0), cfg)
   weak = inference.normalize(batch["weak"], cfg.mean, cfg.std)
   outputs = step.source_outputs(train_state, weak, step.MODES["rml"])
   for learner, before, output in zip(learners, (train_state.learner_a, train_state.learner_b),
@@ -213,9 +213,49 @@ def test_stage_two_assigns_prototype_classes_by_the_current_teacher(data_dir):
     by_teacher = step.teacher_assignment(probs, batch["valid"], h, w)
     assert not np.all(np.asarray(by_teacher) == 7)  # the teacher does not say 7 everywhere
     expected = prototypes.update_prototypes(before.prototypes, features, by_teacher,
-                                            cfg.prototype_momentum, seen=before.prototypes_seen)
+                                            cfg.rml.prototype_momentum, seen=before.prototypes_seen)
     by_stored = jnp.full_like(by_teacher, 7)
     wrong = prototypes.update_prototypes(before.prototypes, features, by_stored,
-                                         cfg.prototype_momentum, seen=before.prototypes_seen)
+                                         cfg.rml.prototype_momentum, seen=before.prototypes_seen)
     np.testing.assert_allclose(learner.prototypes, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(learner.prototypes, wrong, rtol=1e-5, atol=1e-6)
+
+
+def test_rectification_leaves_a_class_without_prototype_at_its_p0_label(data_dir):
+  """Eqs. 9 and 6 with one class unseen: the softmax runs over the seen classes (numpy
+  reference), a pixel whose p^0 label is the unseen class keeps p^0's label and confidence,
+  and the rectified-class count says how many classes took part."""
+  config = tiny_config(data_dir, "mode=rml,rml.rectify_start_step=0")
+  program = Program.create(config)
+  cfg = program.step_config
+  train_state = program.fresh_state(jax.random.key(0))
+  rng = np.random.default_rng(3)
+  k, channels = train_state.learner_a.prototypes.shape
+  unseen = 2
+  seen = np.ones(k, bool)
+  seen[unseen] = False
+  learner = train_state.learner_a.replace(
+      prototypes=jnp.asarray(rng.normal(size=(k, channels)), jnp.float32),
+      prototypes_seen=jnp.asarray(seen))
+  logits = rng.normal(size=(1, 8, 8, k))
+  logits[0, :3, :, unseen] += 6.0  # the first rows' p^0 label is the unseen class
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1))
+  features = rng.normal(size=(1, 8, 8, channels)).astype(np.float32)
+  candidates, metrics = step.self_rectify(learner, jnp.asarray(probs), jnp.asarray(features),
+                                          jnp.ones((1, 8, 8), bool), jnp.asarray(0), cfg)
+  labels, confidence = np.asarray(candidates.labels), np.asarray(candidates.confidence)
+  protos = np.asarray(learner.prototypes)
+  for idx in np.ndindex(1, 8, 8):
+    p = probs[idx]
+    if p.argmax() == unseen:
+      assert labels[idx] == unseen and confidence[idx] == pytest.approx(p.max())
+      continue
+    distance = np.linalg.norm(features[idx] - protos, axis=-1)
+    omega = np.where(seen, np.exp(-(distance - distance[seen].min())), 0.0)
+    omega /= omega.sum()
+    weighted = omega * p
+    assert labels[idx] == weighted.argmax() and labels[idx] != unseen
+    assert confidence[idx] == pytest.approx(weighted.max() / weighted.sum(), rel=1e-4)
+  assert (labels[0, :3] == unseen).all()
+  assert float(metrics["rectified_classes"]) == k - 1
+  assert float(metrics["omega_entropy"]) > 0

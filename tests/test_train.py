@@ -92,6 +92,22 @@ def test_interrupted_run_resumes_to_the_same_state(trained, data_dir, tmp_path):
   assert _leaves_equal(_restore_final(config, resumed_dir), reference)
 
 
+@pytest.mark.slow
+def test_class_balance_histograms_resume_bitwise(data_dir, tmp_path):
+  """The running confidence histograms that class balancing reads are train state: a run
+  stopped after step 3 and resumed ends where an uninterrupted run ends, histograms included."""
+  arg = "rml.class_balance=cbst,rml.threshold=0.5,rml.class_balance_floor=0.3"
+  config = tiny_config(data_dir, arg)
+  full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+  train.train_and_evaluate(config, full_dir)
+  paused = tiny_config(data_dir, arg + ",max_steps_per_run=3")
+  train.train_and_evaluate(paused, resumed_dir)
+  train.train_and_evaluate(paused, resumed_dir)
+  reference = _restore_final(config, full_dir)
+  assert float(np.sum(reference.learner_a.confidence_histogram)) > 0
+  assert _leaves_equal(_restore_final(config, resumed_dir), reference)
+
+
 def test_checkpoint_round_trip_is_bitwise(data_dir, tmp_path):
   config = tiny_config(data_dir)
   program = Program.create(config)
@@ -184,9 +200,13 @@ def test_train_summary_sums_counts_over_the_interval_before_dividing():
       "plk_confident_a": np.asarray(confident, np.float32),
       "plk_known_a": np.asarray(confident, np.float32),
       "plk_correct_a": np.asarray(hits, np.float32),
-      "plk_truth_a": np.asarray([10, 0], np.float32)}
+      "plk_truth_a": np.asarray([10, 0], np.float32),
+      "class_threshold_a": np.asarray([0.8, 0.5 + 0.1 * correct], np.float32)}
   out = train.summarize_train_metrics([step(1, 4, [3, 1], [1, 1]), step(3, 4, [5, 3], [4, 2])],
                                       ("sky", "road"))
+  assert out["pseudo_labels/a/sky/truth_share"] == 1.0  # all truth pixels are sky
+  assert out["pseudo_labels/a/road/threshold"] == pytest.approx(0.7)  # mean of 0.6 and 0.8
+  assert "class_threshold_a" not in out
   assert out["loss_a"] == 2.0
   assert out["confident_pseudo_label_acc_a"] == 0.5  # (1 + 3) / (4 + 4)
   assert out["pseudo_labels/a/sky/share"] == pytest.approx(8 / 12)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from rml_jax import compilation_cache
+from rml_jax import compilation_cache, state
 from rml_jax.config_args import apply_overrides
 from rml_jax.constants import MODEL_NAMES
 from rml_jax.errors import UserError, run_program
@@ -196,7 +196,7 @@ def main(argv):
     for seed in seeds:
       config = rung_config(base, rung, seed, FLAGS.set)
       workdir = os.path.join(FLAGS.out, "runs", f"{rung}_seed{seed}")
-      final_step = config.total_steps * config.rml.stages
+      final_step = state.stage_length(config) * config.rml.stages
       results = final_results(workdir, final_step)
       if results is None:
         print(f"== {rung}, seed {seed} -> {workdir}", flush=True)
