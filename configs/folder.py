@@ -50,8 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   config.eval_batch_size = 4
   config.eval.update(dict(protocol="sliding", window=None, stride=2 / 3))
-  return apply_overrides(config, arg, presets={"tiny": _tiny, "isbi": _isbi,
-                                               "stanford": _stanford})
+  return apply_overrides(config, arg, presets=presets())
+
+
+def presets() -> dict:
+  """Arg presets: `tiny`, `isbi` and `stanford`."""
+  return {"tiny": _tiny, "isbi": _isbi, "stanford": _stanford}
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:

@@ -263,9 +263,6 @@ RELATIONS = (
              "expected (h, w) multiples of the students' patch size (DINOv2: 14)"),
     Relation("eval.window", lambda c: c.eval.window is None or _fits_patches(c, c.eval.window),
              "expected None or (h, w) multiples of the students' patch size (DINOv2: 14)"),
-    Relation("num_image_summaries",
-             lambda c: c.num_image_summaries <= c.eval_batch_size,
-             "expected at most eval_batch_size (the summaries come from one eval batch)"),
 )
 
 

@@ -432,9 +432,10 @@ def _evaluate_and_log(program: Program, run: Workdir, sources, train_state, curr
                                  for c, v in r["iou"].items() if v is not None})
   run.write_eval(current, results)
   if summary_images is not None and config.num_image_summaries > 0:
-    count, k = config.num_image_summaries, program.num_classes
+    k = program.num_classes
     val = summary_images["val"]
     probs = program.predict(train_state, val["image"])
+    count = visualize.summary_count(config.num_image_summaries, val)
     writer.write_images(current, {"val/input|gt|teacher_a|teacher_b|student_a|student_b":
                                   visualize.image_summary(
                                       val["image"], [val["label"]] + [
@@ -443,6 +444,7 @@ def _evaluate_and_log(program: Program, run: Workdir, sources, train_state, curr
     probs = program.predict(train_state, unl["image"])
     pseudo = [np.where(probs[n].max(-1) >= config.rml.threshold, probs[n].argmax(-1),
                        IGNORE_LABEL) for n in TEACHERS]
+    count = visualize.summary_count(config.num_image_summaries, unl)
     writer.write_images(current, {"unlabeled/input|gt|pseudo_a|pseudo_b (black = below tau)":
                                   visualize.image_summary(unl["image"], [unl["label"]] + pseudo,
                                                           k, count)})

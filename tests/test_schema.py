@@ -53,7 +53,6 @@ BAD_VALUES = [
     ("data.label_map", ((0, 0), (256, 1)), r"\(\(raw value, class id\), ...\)"),
     ("eval.stride", 0.0, r"a number in \(0.0, 1.0\]"),
     ("rml.stages", 2, "supervised"),  # a relation between keys (with mode=supervised below)
-    ("num_image_summaries", 200, "at most eval_batch_size"),
     ("augment.strong_views", "both", "one of"),
     ("data.train_list", "train.txt", "expected '' without data.val_list"),
 ]
@@ -100,3 +99,4 @@ def test_bad_values_from_the_command_line_exit_2_and_write_nothing(tmp_path, ove
   assert result.stderr.strip().splitlines()[-1] == line
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
