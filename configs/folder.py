@@ -19,8 +19,9 @@ this file):
                   a separate labeled val set ("" = none: val_holdout labeled images are held out)
   val_holdout     how many labeled images become the val set when there is no val folder
   val_list, train_list
-                  or: a text file of image ids (stems) of images_dir that form the val set, and
-                  optionally one of the ids that train ("" = all the others)
+                  or: a text file of the images of images_dir that form the val set (file
+                  names, with or without the extension), and optionally one of the images that
+                  train ("" = all the others)
   class_names     one name per class; the number of classes is their count
   label_map       ((raw value, class id), ...); () = the raw values are the class ids
   ignore_value    the raw value that means "not labeled" (-1 = none); any value that is neither
