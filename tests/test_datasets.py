@@ -224,6 +224,9 @@ def test_image_folder_missing_root_names_the_key(tmp_path):
   config = _folder_config(str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
   with pytest.raises(UserError, match=r"config.data.root: .*nowhere is not a directory"):
     datasets.data_sources(config.data)
+  config.data.root = ""  # the folder presets leave it to the user
+  with pytest.raises(UserError, match=r"^config.data.root: \(empty\) is not a directory"):
+    datasets.data_sources(config.data)
 
 
 @pytest.mark.skipif(not os.path.isdir(ISBI), reason="../shared/data/isbi2012 is not here")
