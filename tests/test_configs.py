@@ -101,9 +101,13 @@ def _write_folder(root: str, preset: str) -> None:
         f.write("".join(f"{stem}\n" for stem in listed))
 
 
-@pytest.mark.parametrize("arg", ["tiny,data.val_holdout=2",
-                                 pytest.param("isbi,tiny", marks=pytest.mark.slow),
-                                 pytest.param("stanford,tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arg", [
+    "tiny,data.val_holdout=2",
+    pytest.param("isbi,tiny", marks=pytest.mark.slow),
+    pytest.param("stanford,tiny", marks=pytest.mark.slow),
+    # no unlabeled image: supervised trains (its summaries without unlabeled ones); iml stops
+    pytest.param("tiny,data.val_holdout=2,data.unlabeled_dir=,mode=supervised",
+                 marks=pytest.mark.slow)])
 def test_folder_presets_train_and_evaluate_a_step(arg, tmp_path):
   """Each folder preset with `tiny` (eval batches of 2, fewer than num_image_summaries) trains
   one step on a folder of its layout, evaluates and writes its image summaries."""

@@ -195,6 +195,15 @@ def test_train_summary_sums_counts_over_the_interval_before_dividing():
   assert "pseudo_labels/a/road/recall" not in out  # no truth pixels: nothing to divide by
 
 
+def test_a_mode_that_learns_from_unlabeled_images_needs_some():
+  config = tiny_config("", "mode=iml")
+  train.check_unlabeled(config, 1)
+  with pytest.raises(UserError, match=r"^config.rml.mode='iml' learns from unlabeled images, "
+                     "but the split leaves none; expected"):
+    train.check_unlabeled(config, 0)
+  train.check_unlabeled(tiny_config("", "mode=supervised"), 0)
+
+
 def test_image_summaries_take_at_most_the_images_of_one_eval_batch():
   """num_image_summaries above the batch gives the batch's images, never its padding rows."""
   valid = np.zeros((4, 3, 5), bool)
