@@ -22,4 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_b.name = "setr_pup_vit_l16"
   config.rml.mode = "iml"  # ... nor self-rectification
   config.rml.stages = 1
-  return apply_overrides(config, arg, presets=city.presets())
+  return apply_overrides(config, arg, presets=presets())
+
+
+def presets() -> dict:
+  """Arg presets: city.py's (the split names, `full` and `cpu`)."""
+  return city.presets()

@@ -139,7 +139,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2  # checkpoints kept in the workdir
   config.max_steps_per_run = 0  # > 0: stop (with a checkpoint) after this many steps; rerun resumes
   config.max_skipped_steps = 20  # stop when this many steps in a row are non-finite (0 = never)
-  config.num_image_summaries = 2  # val and pseudo-label images in each eval's summaries
+  # val and pseudo-label images in each eval's summaries, taken from one eval batch (fewer when
+  # eval_batch_size or the val set is smaller)
+  config.num_image_summaries = 2
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # devices along the batch axis (-1 = all that fsdp leaves)
       fsdp=1,  # devices the big parameters are split over

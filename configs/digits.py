@@ -64,3 +64,4 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   config.unlabeled_batch_size = 2
   config.eval_batch_size = 128
   config.data.worker_count = 0
+  config.rml.rectify_start_step = 2  # within the 4 steps: mode=rml rectifies

@@ -20,8 +20,9 @@ this file):
                   a separate labeled val set ("" = none: val_holdout labeled images are held out)
   val_holdout     how many labeled images become the val set when there is no val folder
   val_list, train_list
-                  or: a text file of image ids (stems) of images_dir that form the val set, and
-                  optionally one of the ids that train ("" = all the others)
+                  or: a text file of the images of images_dir that form the val set (file
+                  names, with or without the extension), and optionally one of the images that
+                  train ("" = all the others)
   class_names     one name per class; the number of classes is their count
   label_map       ((raw value, class id), ...); () = the raw values are the class ids
   ignore_value    the raw value that means "not labeled" (-1 = none); any value that is neither
@@ -51,8 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   config.eval_batch_size = 4
   config.eval.update(dict(protocol="sliding", window=None, stride=2 / 3))
-  return apply_overrides(config, arg, presets={"tiny": _tiny, "isbi": _isbi,
-                                               "stanford": _stanford, "facade": _facade})
+  return apply_overrides(config, arg, presets=presets())
+
+
+def presets() -> dict:
+  """Arg presets: `tiny`, `isbi`, `stanford` and `facade`."""
+  return {"tiny": _tiny, "isbi": _isbi, "stanford": _stanford, "facade": _facade}
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import types
 
 import ml_collections
 
@@ -73,19 +74,100 @@ def split_presets(names: tuple[str, ...]) -> dict:
   return {name: preset(name) for name in names}
 
 
+def _config_values(argv: list[str]) -> list[tuple[int, str, str]]:
+  """(index, prefix, value) of every --config value in argv: argv[index] == prefix + value, the
+  prefix being `--config=` (or `-config=`), or '' when the value follows the flag as an item."""
+  found = []
+  for i, item in enumerate(argv):
+    for flag in ("--config", "-config"):
+      if item.startswith(flag + "="):
+        found.append((i, flag + "=", item[len(flag) + 1:]))
+      elif item == flag and i + 1 < len(argv):
+        found.append((i + 1, "", argv[i + 1]))
+  return found
+
+
 def with_packaged_configs(argv: list[str]) -> list[str]:
   """argv with `--config=configs/<file>.py[:arg]` (or `--config configs/...`) pointing at the
   installed package's copy when no such file exists from the working directory (a wheel install
   run from anywhere); the configs' own `from configs import ...` then resolves to that copy as
   well. In a checkout, or for any other path, argv is returned unchanged."""
   out = list(argv)
-  for i, item in enumerate(out):
-    for flag in ("--config", "-config"):
-      if item.startswith(flag + "="):
-        out[i] = flag + "=" + _packaged_config(item[len(flag) + 1:])
-      elif item == flag and i + 1 < len(out):
-        out[i + 1] = _packaged_config(out[i + 1])
+  for i, prefix, value in _config_values(out):
+    out[i] = prefix + _packaged_config(value)
   return out
+
+
+def config_file(argv: list[str]) -> str | None:
+  """The file of the last --config flag in argv (its :arg left off), or None without one."""
+  values = _config_values(argv)
+  return values[-1][2].partition(":")[0] if values else None
+
+
+def check_config_source(path: str) -> None:
+  """Stops with one line (the file, the line and the error) when the config file at `path` does
+  not compile. A file that cannot be read is left to the config flag, which names it."""
+  try:
+    with open(path, "rb") as f:
+      source = f.read()
+  except OSError:
+    return
+  try:
+    compile(source, path, "exec", dont_inherit=True)
+  except SyntaxError as e:
+    raise UserError(f"--config: {path}, line {e.lineno}: {type(e).__name__}: {e.msg}; expected "
+                    "a Python file defining get_config") from None
+  except ValueError as e:  # e.g. null bytes
+    raise UserError(f"--config: {path}: {e}; expected a Python file defining get_config") from None
+
+
+def load_error(error: BaseException, path: str) -> str | None:
+  """One line for an exception raised while the config file at `path` was imported or its
+  get_config ran: the file, the line of it the error came from, and the error; or, when the
+  file has no get_config, that. None when the error (and what it was raised from) did not come
+  from the file."""
+  target = os.path.abspath(path)
+  for exc in _exception_chain(error):
+    if (isinstance(exc, AttributeError) and getattr(exc, "name", None) == "get_config"
+        and _module_file(getattr(exc, "obj", None)) == target):
+      return (f"--config: {path} has no get_config; expected a function get_config(arg=None) "
+              "returning an ml_collections.ConfigDict")
+    if isinstance(exc, SyntaxError) and exc.filename and os.path.abspath(exc.filename) == target:
+      return f"--config: {path}, line {exc.lineno}: {type(exc).__name__}: {exc.msg}"
+    line = _last_line_in(exc.__traceback__, target)
+    if line is not None:
+      message = (str(exc).strip().splitlines() or [""])[0]
+      return f"--config: {path}, line {line}: {type(exc).__name__}" + (
+          f": {message}" if message else "")
+  return None
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+  """error and every exception it was raised from or while handling, each once."""
+  chain: list[BaseException] = []
+  pending: list[BaseException | None] = [error]
+  while pending:
+    exc = pending.pop(0)
+    if exc is not None and not any(exc is seen for seen in chain):
+      chain.append(exc)
+      pending += [exc.__cause__, exc.__context__]
+  return chain
+
+
+def _module_file(module) -> str | None:
+  """The absolute path of a module object's file, or None for anything else."""
+  path = getattr(module, "__file__", None) if isinstance(module, types.ModuleType) else None
+  return os.path.abspath(path) if path else None
+
+
+def _last_line_in(tb: types.TracebackType | None, target: str) -> int | None:
+  """The line number of the innermost traceback frame that runs the file `target`."""
+  line = None
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return line
 
 
 def _packaged_config(value: str) -> str:

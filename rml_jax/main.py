@@ -11,6 +11,7 @@ import logging as std_logging
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -45,8 +46,14 @@ def main(argv):
   try:
     config = FLAGS.config
     config.keys()  # config files load lazily: touch it so a broken one is reported here
-  except OSError as e:
-    fail("--config: " + str(e).strip().splitlines()[-1].strip())
+  except OSError as e:  # a missing file, or one whose import raised an OSError
+    path = _config_path()
+    detail = str(e).strip().splitlines()[-1].strip()
+    fail(config_args.load_error(e, path) or (
+        f"--config: {path}: {detail}" if os.path.isfile(path) else f"--config: {detail}"))
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(f"--config: {_config_path()}: get_config returned {type(config).__name__}; expected an "
+         "ml_collections.ConfigDict")
   import jax  # after flag parsing, so --help stays fast
 
   compilation_cache.enable(FLAGS.compilation_cache)
@@ -62,18 +69,31 @@ def main(argv):
   modes[FLAGS.mode](config, FLAGS.workdir)  # a UserError ends as one line (run_program)
 
 
+def _config_path() -> str:
+  """The parsed --config flag's file, without its :arg."""
+  return config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing with one-line errors for bad flags, config files and config overrides."""
+  path = config_args.config_file(argv)
   try:
+    if path:
+      config_args.check_config_source(path)  # a syntax error: file and line, before loading
     return FLAGS(argv)
   except UserError as e:  # raised by get_config(arg)
     fail(str(e))
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    fail(f"a --config.* override does not fit the config ({type(e).__name__}: {e}); "
-          f"overrides given: {', '.join(overrides) or 'none'}")
+  except Exception as e:  # the config file's own errors first; anything else as before
+    problem = config_args.load_error(e, path) if path else None
+    if problem is not None:  # the config file raised on import or in get_config, or has none
+      fail(problem)
+    if isinstance(e, flags.Error):
+      fail(str(e).splitlines()[0])
+    if isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+      overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+      fail(f"a --config.* override does not fit the config ({type(e).__name__}: {e}); "
+            f"overrides given: {', '.join(overrides) or 'none'}")
+    raise
 
 
 def run():

@@ -249,11 +249,22 @@ RULES: dict[str, Check] = {
 
 @dataclasses.dataclass(frozen=True)
 class Relation:
-  """A rule between keys: `holds(config)` must be true, else `message`."""
+  """A rule between keys: `holds(config)` must be true, else `message` (a string, or a function
+  of the config for a message that quotes other keys' values)."""
 
   key: str
   holds: Callable[[ml_collections.ConfigDict], bool]
-  message: str
+  message: str | Callable[[ml_collections.ConfigDict], str]
+
+  def text(self, config: ml_collections.ConfigDict) -> str:
+    """The message for `config`."""
+    return self.message if isinstance(self.message, str) else self.message(config)
+
+
+def _rectifies_within_a_stage(config: ml_collections.ConfigDict) -> bool:
+  """Whether a rectifying mode starts rectifying before its stage ends (stages restart the
+  count, so a start step at or past total_steps would never rectify)."""
+  return not MODES[config.rml.mode].rectify or config.rml.rectify_start_step < config.total_steps
 
 
 RELATIONS = (
@@ -274,9 +285,10 @@ RELATIONS = (
              "expected (h, w) multiples of the students' patch size (DINOv2: 14)"),
     Relation("eval.window", lambda c: c.eval.window is None or _fits_patches(c, c.eval.window),
              "expected None or (h, w) multiples of the students' patch size (DINOv2: 14)"),
-    Relation("num_image_summaries",
-             lambda c: c.num_image_summaries <= c.eval_batch_size,
-             "expected at most eval_batch_size (the summaries come from one eval batch)"),
+    Relation("rml.rectify_start_step", _rectifies_within_a_stage,
+             lambda c: f"expected an integer in [0, {c.total_steps - 1}] with "
+                       f"rml.mode={c.rml.mode!r}, below the stage length "
+                       f"total_steps={c.total_steps} (each stage counts from 0)"),
 )
 
 
@@ -313,5 +325,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}: expected {problem}, got {value!r}")
   for relation in RELATIONS:
     if not relation.holds(config):
-      raise UserError(f"config.{relation.key}: {relation.message}, got "
+      raise UserError(f"config.{relation.key}: {relation.text(config)}, got "
                       f"{values[relation.key]!r}")

@@ -171,6 +171,15 @@ class _StopSignal:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_unlabeled(config: ml_collections.ConfigDict, num_unlabeled: int) -> None:
+  """Stops with one line when the mode learns from unlabeled images and the split left none."""
+  if MODES[config.rml.mode].unlabeled and num_unlabeled == 0:
+    raise UserError(f"config.rml.mode={config.rml.mode!r} learns from unlabeled images, but the "
+                    "split leaves none; expected data.labeled_fraction < 1, a data.split with "
+                    "unlabeled images, an image folder's data.unlabeled_dir, or "
+                    "rml.mode='supervised'")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from workdir's latest checkpoint), evaluates, returns the last eval."""
   program = Program.create(config)
@@ -181,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = Workdir(workdir, config.keep_checkpoints)
   sources = datasets.data_sources(config.data)
   labeled_idx, unlabeled_idx = datasets.split(config.data, sources, cache_dir=run.path)
+  check_unlabeled(config, len(unlabeled_idx))
   run.write_start(config, labeled_idx)
   logging.info("%d labeled and %d unlabeled training images; %d val images.", len(labeled_idx),
                len(unlabeled_idx), len(sources.val))
@@ -426,11 +436,12 @@ def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _summary_inputs(config: ml_collections.ConfigDict, sources, unlabeled_idx: np.ndarray
                     ) -> dict[str, dict[str, np.ndarray]]:
-  """One fixed eval-sized batch of val images and one of unlabeled train images."""
+  """One fixed eval-sized batch of val images and one of unlabeled train images (None without
+  unlabeled images)."""
   val = next(input_pipeline.val_batches(config, sources.val))
   unlabeled = next(input_pipeline.eval_batches(config, sources.train,
                                                 unlabeled_idx[:config.eval_batch_size],
-                                                resize=config.data.resize))
+                                                resize=config.data.resize), None)
   return {"val": val, "unlabeled": unlabeled}
 
 
@@ -446,18 +457,21 @@ def _evaluate_and_log(program: Program, run: Workdir, sources, train_state, curr
                                  for c, v in r["iou"].items() if v is not None})
   run.write_eval(current, results)
   if summary_images is not None and config.num_image_summaries > 0:
-    count, k = config.num_image_summaries, program.num_classes
+    k = program.num_classes
     val = summary_images["val"]
     probs = program.predict(train_state, val["image"])
+    count = visualize.summary_count(config.num_image_summaries, val)
     writer.write_images(current, {"val/input|gt|teacher_a|teacher_b|student_a|student_b":
                                   visualize.image_summary(
                                       val["image"], [val["label"]] + [
                                           probs[n].argmax(-1) for n in MODEL_NAMES], k, count)})
     unl = summary_images["unlabeled"]
-    probs = program.predict(train_state, unl["image"])
-    pseudo = [np.where(probs[n].max(-1) >= config.rml.threshold, probs[n].argmax(-1),
-                       IGNORE_LABEL) for n in TEACHERS]
-    writer.write_images(current, {"unlabeled/input|gt|pseudo_a|pseudo_b (black = below tau)":
-                                  visualize.image_summary(unl["image"], [unl["label"]] + pseudo,
-                                                          k, count)})
+    if unl is not None:
+      probs = program.predict(train_state, unl["image"])
+      pseudo = [np.where(probs[n].max(-1) >= config.rml.threshold, probs[n].argmax(-1),
+                         IGNORE_LABEL) for n in TEACHERS]
+      count = visualize.summary_count(config.num_image_summaries, unl)
+      writer.write_images(current, {"unlabeled/input|gt|pseudo_a|pseudo_b (black = below tau)":
+                                    visualize.image_summary(unl["image"],
+                                                            [unl["label"]] + pseudo, k, count)})
   return results

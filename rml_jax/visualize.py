@@ -29,6 +29,14 @@ def image_summary(images: np.ndarray, label_maps: list[np.ndarray], num_classes:
   return np.concatenate(panels, axis=2)
 
 
+def summary_count(requested: int, batch: dict[str, np.ndarray]) -> int:
+  """How many image summaries an eval batch gives: `requested`, or fewer when the batch holds
+  fewer images. Padding rows (their 'valid' mask all False) are not images; they come last."""
+  valid = np.asarray(batch["valid"])
+  images = int(valid.reshape(valid.shape[0], -1).any(axis=1).sum())
+  return max(0, min(int(requested), images))
+
+
 def overlay(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
   """[H, W, 3] uint8 image blended with [H, W, 3] uint8 class colours (alpha = colour share)."""
   mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)

@@ -1,15 +1,27 @@
-"""Every shipped config loads with each of its presets, names real models and existing splits;
-the DeepLabv2 + SETR pair (Table 5), ViT position embeddings at other input sizes, remat."""
+"""Every shipped config passes its own check with each of its presets (and the folder presets
+train a step), names real models and existing splits; the DeepLabv2 + SETR pair (Table 5), ViT
+position embeddings at other input sizes, remat."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 
+import numpy as np
 import pytest
 
 from configs import city, city_dinov2, city_setr, digits, folder, voc, voc_dinov2
 from rml_jax import models, schema, state, step
 from rml_jax.datasets import splits
+from rml_jax.errors import UserError
+from tests.test_datasets import _png
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
+SHIPPED = sorted(name[:-3] for name in os.listdir(CONFIGS_DIR)
+                 if name.endswith(".py") and name != "__init__.py")
+SMOKE_PRESETS = ("tiny", "cpu")  # presets meant to follow another: they shrink any run
 
 CASES = ([(digits, a) for a in ("", "tiny")] + [(city, a) for a in city.SPLITS + ("full", "cpu")]
          + [(city_setr, a) for a in ("", "1_30", "cpu")] + [(voc, a) for a in voc.SPLITS + ("cpu",)]
@@ -29,6 +41,90 @@ def test_config_loads_with_known_models_and_splits(module, arg):
   if config.data.split:
     folder_path = splits.split_folder(config.data, config.data.split)
     assert os.path.isfile(os.path.join(folder_path, "labeled.txt"))
+
+
+def preset_args(presets: dict) -> list[str]:
+  """The arg strings a user is meant to write: no preset, each preset alone and followed by
+  each smoke preset, and each of those with mode=rml (the paper's method)."""
+  smoke = [name for name in SMOKE_PRESETS if name in presets]
+  args = [""] + [name for name in presets]
+  args += [f"{name},{s}" for name in presets for s in smoke if s != name]
+  return args + [f"{arg},mode=rml".lstrip(",") for arg in args]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_passes_its_own_check_with_every_preset(name):
+  """schema.validate on every arg string of preset_args: a shipped preset never fails its own
+  check (configs/folder.py:tiny once did, over num_image_summaries)."""
+  module = importlib.import_module(f"configs.{name}")
+  if "arg" not in inspect.signature(module.get_config).parameters:
+    schema.validate(module.get_config())
+    return
+  assert hasattr(module, "presets"), f"configs/{name}.py: expected presets() listing its presets"
+  failures = {}
+  for arg in preset_args(module.presets()):
+    try:
+      schema.validate(module.get_config(arg))
+    except UserError as e:
+      failures[arg] = str(e)
+  assert not failures, failures
+
+
+def test_preset_args_cover_every_preset_with_the_smoke_presets():
+  args = preset_args(folder.presets())
+  assert {"tiny", "isbi", "stanford", "isbi,tiny", "stanford,tiny", "stanford,tiny,mode=rml",
+          "mode=rml"} <= set(args)
+  assert "tiny,tiny" not in args
+
+
+def _write_folder(root: str, preset: str) -> None:
+  """A few 24x32 images and labels in the layout of a folder.py preset ('' = the default
+  images/, labels/, unlabeled/)."""
+  rng = np.random.default_rng(0)
+  image_dir, label_dir, unlabeled_dir = {
+      "isbi": ("train/image", "train/label", "unlabeled"),
+      "stanford": ("images", "labels", ""),
+      "facade": ("images", "labels", "")}.get(preset, ("images", "labels", "unlabeled"))
+  values = np.array({"stanford": [0, 1, 2, 7, 15], "facade": [0, 1, 3, 11]}.get(preset, [0, 255]),
+                    np.uint8)
+  stems = [f"img{i}" for i in range(8)]
+  for stem in stems:
+    _png(os.path.join(root, image_dir, f"{stem}.png"),
+         rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    _png(os.path.join(root, label_dir, f"{stem}.png"), rng.choice(values, (24, 32)))
+  if unlabeled_dir:
+    for i in range(2):
+      _png(os.path.join(root, unlabeled_dir, f"u{i}.png"),
+           rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+  if preset in ("stanford", "facade"):
+    os.makedirs(os.path.join(root, "splits"))
+    for name, listed in (("train", stems[:6]), ("val", stems[6:])):
+      with open(os.path.join(root, "splits", f"{name}.txt"), "w") as f:
+        f.write("".join(f"{stem}\n" for stem in listed))
+
+
+@pytest.mark.parametrize("arg", [
+    "tiny,data.val_holdout=2",
+    pytest.param("isbi,tiny", marks=pytest.mark.slow),
+    pytest.param("stanford,tiny", marks=pytest.mark.slow),
+    pytest.param("facade,tiny", marks=pytest.mark.slow),
+    # no unlabeled image: supervised trains (its summaries without unlabeled ones); iml stops
+    pytest.param("tiny,data.val_holdout=2,data.unlabeled_dir=,mode=supervised",
+                 marks=pytest.mark.slow)])
+def test_folder_presets_train_and_evaluate_a_step(arg, tmp_path):
+  """Each folder preset with `tiny` (eval batches of 2, fewer than num_image_summaries) trains
+  one step on a folder of its layout, evaluates and writes its image summaries."""
+  from rml_jax import train
+
+  preset = arg.split(",")[0]
+  root = str(tmp_path / "folder")
+  _write_folder(root, "" if preset == "tiny" else preset)
+  config = folder.get_config(f"{arg},steps=1,eval_every=1,log_every=1,checkpoint_every=1,"
+                             f"data.root={root},data.data_dir={tmp_path / 'tfds'}")
+  assert config.eval_batch_size < config.num_image_summaries
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert set(results) == {"teacher_a", "teacher_b", "student_a", "student_b"}
+  assert os.path.isfile(tmp_path / "run" / "eval" / "step_1.json")
 
 
 def test_dinov2_configs_follow_unimatch_v2():

@@ -146,6 +146,34 @@ def test_image_folder_val_list_and_train_list(tmp_path):
     datasets.data_sources(config.data)
 
 
+def test_image_folder_lists_name_dotted_ids_with_or_without_the_extension(tmp_path):
+  """Files named with dots (`..._img-10.21op9-p-015t000.jpg`): val_list and train_list name them
+  by id or by file name, and the whole id resolves either way."""
+  root = tmp_path / "folder"
+  rng = np.random.default_rng(0)
+  stems = [f"2023_img-10.21op9-p-015t00{i}" for i in range(3)]
+  for stem in stems:
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+        _path(root / "images", f"{stem}.jpg"), quality=90)
+    _png(str(root / "labels" / f"{stem}.png"), rng.choice(np.array([0, 255], np.uint8), (20, 24)))
+  for val_extension, train_extension in (("", ".jpg"), (".jpg", ""), (".JPG", ".jpg")):
+    _write_list(root / "val.txt", [stems[1] + val_extension])
+    _write_list(root / "train.txt", [stems[2] + train_extension])
+    config = _folder_config(str(root), str(tmp_path / "tfds"), "data.val_list=val.txt,"
+                            "data.train_list=train.txt,data.unlabeled_dir=")
+    sources = datasets.data_sources(config.data)
+    assert sources.val[0]["image_id"] == stems[1]
+    assert sources.read_train_ids() == [stems[2]]
+  _write_list(root / "val.txt", ["2023_img-10"])  # what the old reading made of the id
+  with pytest.raises(UserError, match=r"config.data.val_list: image id '2023_img-10' \(1 of 1 "):
+    datasets.data_sources(config.data)
+
+
+def _path(directory, name: str) -> str:
+  os.makedirs(directory, exist_ok=True)
+  return os.path.join(directory, name)
+
+
 @pytest.mark.parametrize("listed, message", [
     (["b", "zz"], r"config.data.val_list: image id 'zz' \(1 of 2 listed\) is not among the "
                   r"labeled images of config.data.images_dir"),
@@ -195,6 +223,9 @@ def test_image_folder_bad_input_is_one_line_and_prepares_nothing(tmp_path, damag
 def test_image_folder_missing_root_names_the_key(tmp_path):
   config = _folder_config(str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
   with pytest.raises(UserError, match=r"config.data.root: .*nowhere is not a directory"):
+    datasets.data_sources(config.data)
+  config.data.root = ""  # the folder presets leave it to the user
+  with pytest.raises(UserError, match=r"^config.data.root: \(empty\) is not a directory"):
     datasets.data_sources(config.data)
 
 

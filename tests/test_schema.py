@@ -53,7 +53,6 @@ BAD_VALUES = [
     ("data.label_map", ((0, 0), (256, 1)), r"\(\(raw value, class id\), ...\)"),
     ("eval.stride", 0.0, r"a number in \(0.0, 1.0\]"),
     ("rml.stages", 2, "supervised"),  # a relation between keys (with mode=supervised below)
-    ("num_image_summaries", 200, "at most eval_batch_size"),
     ("augment.strong_views", "both", "one of"),
     ("data.train_list", "train.txt", "expected '' without data.val_list"),
 ]
@@ -98,5 +97,40 @@ def test_bad_values_from_the_command_line_exit_2_and_write_nothing(tmp_path, ove
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == line
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
+def test_rectify_start_step_must_fall_within_a_stage():
+  """rml rectifies from this step of every stage; at or past the stage length it never would.
+  Modes that do not rectify take any start step."""
+  config = digits.get_config("tiny,mode=rml")
+  for start in (0, config.total_steps - 1):
+    config.rml.rectify_start_step = start
+    schema.validate(config)
+  for start in (config.total_steps, 100_000):
+    config.rml.rectify_start_step = start
+    with pytest.raises(UserError) as error:
+      schema.validate(config)
+    assert str(error.value) == (
+        "config.rml.rectify_start_step: expected an integer in [0, 3] with rml.mode='rml', "
+        f"below the stage length total_steps=4 (each stage counts from 0), got {start}")
+  config.rml.mode = "iml"
+  schema.validate(config)
+
+
+def test_rectify_start_step_past_the_stage_from_the_command_line(tmp_path):
+  """The rml run that would train as iml stops before anything is written: one line, exit 2."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "rml_jax.main", "--config=configs/digits.py:tiny,mode=rml",
+       "--config.rml.rectify_start_step=100000", f"--workdir={workdir}"], cwd=ROOT,
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert errors == ["error: config.rml.rectify_start_step: expected an integer in [0, 3] with "
+                    "rml.mode='rml', below the stage length total_steps=4 (each stage counts "
+                    "from 0), got 100000"], result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
   assert "Traceback" not in result.stderr
   assert not workdir.exists()

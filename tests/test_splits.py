@@ -27,6 +27,43 @@ def test_community_lines_reduce_to_ids(line, expected):
   assert splits.normalize_id(line) == expected
 
 
+DOTTED = "2023_img-10.21op9-p-015t000"  # a timestamped id: its file is DOTTED + ".jpg"
+
+
+@pytest.mark.parametrize("line, expected", [
+    (DOTTED, DOTTED),  # the bare id keeps everything after its dots
+    (f"{DOTTED}.jpg", DOTTED),  # the file name: the image extension comes off
+    (f"{DOTTED}.JPEG", DOTTED),
+    (f"images/{DOTTED}.tif labels/{DOTTED}.png", DOTTED),
+    ("scan.v2.tif", "scan.v2.tif"),  # an exact id wins over the stripped name
+    ("scan.v2", "scan.v2"),
+    ("leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png", "aachen_000000_000019"),
+    ("2023_img-10", None),  # what the old reading made of the dotted id
+    (f"{DOTTED}.txt", None),  # not an image extension: nothing is taken off
+])
+def test_lines_resolve_against_the_dataset_ids(line, expected):
+  known = {DOTTED, "scan.v2", "scan.v2.tif", "aachen_000000_000019", "2007_000032"}
+  assert splits.resolve_id(line, known) == expected
+
+
+def test_lines_without_the_dataset_ids_keep_dotted_ids_whole():
+  assert splits.normalize_id(DOTTED) == DOTTED
+  assert splits.normalize_id(f"JPEGImages/{DOTTED}.jpg x.png") == DOTTED
+
+
+@pytest.mark.parametrize("extension", ["", ".jpg"])
+def test_split_files_with_dotted_ids_with_or_without_extensions(tmp_path, extension):
+  train_ids = [f"{DOTTED}{i}" for i in ("a", "b", "c")] + ["x.1", "x.2"]
+  (tmp_path / "labeled.txt").write_text(f"{train_ids[2]}{extension}\n{train_ids[0]}{extension}\n")
+  (tmp_path / "unlabeled.txt").write_text(f"x.1{extension}\nx.2{extension}\n")
+  labeled, unlabeled = splits.indices_from_folder(str(tmp_path), train_ids, num_labeled=3)
+  np.testing.assert_array_equal(labeled, [0, 2])
+  np.testing.assert_array_equal(unlabeled, [3, 4])
+  (tmp_path / "labeled.txt").write_text(f"{DOTTED}d{extension}\n")
+  with pytest.raises(UserError, match=rf"1 of 1 ids .*\(first: '{DOTTED}d{extension}'\)"):
+    splits.indices_from_folder(str(tmp_path), train_ids, num_labeled=3)
+
+
 def test_indices_from_folder_and_one_line_errors(tmp_path):
   train_ids = ["a", "b", "c", "d", "u1", "u2"]  # the last two have no label
   (tmp_path / "labeled.txt").write_text("images/c.png labels/c.png\nimages/a.png x\n\n")

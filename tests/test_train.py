@@ -215,6 +215,28 @@ def test_train_summary_sums_counts_over_the_interval_before_dividing():
   assert "pseudo_labels/a/road/recall" not in out  # no truth pixels: nothing to divide by
 
 
+def test_a_mode_that_learns_from_unlabeled_images_needs_some():
+  config = tiny_config("", "mode=iml")
+  train.check_unlabeled(config, 1)
+  with pytest.raises(UserError, match=r"^config.rml.mode='iml' learns from unlabeled images, "
+                     "but the split leaves none; expected"):
+    train.check_unlabeled(config, 0)
+  train.check_unlabeled(tiny_config("", "mode=supervised"), 0)
+
+
+def test_image_summaries_take_at_most_the_images_of_one_eval_batch():
+  """num_image_summaries above the batch gives the batch's images, never its padding rows."""
+  valid = np.zeros((4, 3, 5), bool)
+  valid[:3, 1:, 2:] = True  # three images, one padding row
+  batch = {"image": np.arange(4 * 3 * 5 * 3, dtype=np.uint8).reshape(4, 3, 5, 3),
+           "label": np.zeros((4, 3, 5), np.int32), "valid": valid}
+  assert [visualize.summary_count(n, batch) for n in (0, 2, 3, 4, 64)] == [0, 2, 3, 3, 3]
+  panels = visualize.image_summary(batch["image"], [batch["label"]], 2,
+                                   visualize.summary_count(64, batch))
+  assert panels.shape == (3, 3, 10, 3)
+  np.testing.assert_array_equal(panels[:, :, :5], batch["image"][:3])
+
+
 @pytest.mark.parametrize("damage", ["removed", "emptied"])
 def test_a_damaged_latest_checkpoint_is_kept_aside_and_the_run_resumes_from_the_previous(
     trained, data_dir, tmp_path, damage):

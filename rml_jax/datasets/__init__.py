@@ -235,8 +235,8 @@ def data_sources(data_config: ml_collections.ConfigDict) -> Sources:
 
 
 def read_id_list(data_config: ml_collections.ConfigDict, key: str) -> list[str]:
-  """The image ids (file stems, one per line) of the list file config.data.<key>, relative to
-  config.data.root."""
+  """The lines (image ids or file names, one per line) of the list file config.data.<key>,
+  relative to config.data.root."""
   path = os.path.join(os.path.expanduser(data_config.root), data_config[key])
   try:
     with open(path) as f:
@@ -252,17 +252,20 @@ def read_id_list(data_config: ml_collections.ConfigDict, key: str) -> list[str]:
 def _listed_indices(data_config: ml_collections.ConfigDict, ids: list[str]
                     ) -> tuple[np.ndarray, np.ndarray]:
   """(train, val) indices into the labeled images whose ids are `ids`: val from
-  config.data.val_list; train from config.data.train_list, or every image not in val."""
+  config.data.val_list; train from config.data.train_list, or every image not in val. Each
+  line names an id as split files do (splits.resolve_id: the id, or the file name)."""
   position = {image_id: i for i, image_id in enumerate(ids)}
 
   def indices(key: str) -> np.ndarray:
     listed = read_id_list(data_config, key)
-    missing = [i for i in listed if i not in position]
+    resolved = [splits.resolve_id(line, position) for line in listed]
+    missing = [line for line, image_id in zip(listed, resolved) if image_id is None]
     if missing:
       raise UserError(f"config.data.{key}: image id {missing[0]!r} ({len(missing)} of "
                       f"{len(listed)} listed) is not among the labeled images of "
-                      f"config.data.images_dir; expected file stems of its images")
-    return np.unique([position[i] for i in listed])
+                      f"config.data.images_dir; expected the file names of its images, with or "
+                      "without the extension")
+    return np.unique([position[i] for i in resolved])
 
   val = indices("val_list")
   train = (indices("train_list") if data_config.train_list

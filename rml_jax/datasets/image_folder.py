@@ -63,8 +63,8 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
   def __init__(self, data_config: ml_collections.ConfigDict):
     root = os.path.abspath(os.path.expanduser(data_config.root or ""))
     if not data_config.root or not os.path.isdir(root):
-      raise UserError(f"config.data.root: {root or '(empty)'} is not a directory; expected the "
-                      "folder holding images/ and labels/")
+      raise UserError(f"config.data.root: {root if data_config.root else '(empty)'} is not a "
+                      "directory; expected the folder holding images/ and labels/")
     self.root = root
     self.folders = {
         split: tuple(os.path.join(root, d) if d else "" for d in dirs) for split, dirs in {

@@ -1,10 +1,13 @@
 """Split lists: `data/splits/<dataset>/<name>/labeled.txt` (and optional `unlabeled.txt`).
 
-One image per line. Plain ids (`aachen_000000_000019`, `2007_000032`) and the community's lines
+One image per line. Plain ids (`aachen_000000_000019`, `2007_000032`), file names
+(`scan-10.21.jpg`) and the community's lines
 (`leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png gtFine/...`,
-`JPEGImages/2007_000032.jpg SegmentationClass/...`) both work: the first field's file stem, without
-`_leftImg8bit`, is the id. `make_split` draws the seeded splits shipped in data/splits
-(data/make_splits.py).
+`JPEGImages/2007_000032.jpg SegmentationClass/...`) all work: a line names the first of these that
+is an id of the dataset (`resolve_id`): the line itself, its first field's file name, that name
+without an image extension, and that without a dataset suffix (`_leftImg8bit`). Only image
+extensions are taken off, so ids with dots (`scan-10.21`) stay whole. `make_split` draws the
+seeded splits shipped in data/splits (data/make_splits.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from rml_jax import storage
+from rml_jax.datasets.files import IMAGE_EXTENSIONS
 from rml_jax.errors import UserError
 
 # The split lists: data/splits of a checkout, else the installed package's copy (rml_jax/splits).
@@ -27,27 +31,50 @@ REPO_SPLITS = next((path for path in (os.path.join(os.path.dirname(_PACKAGE), "d
 _ID_SUFFIXES = ("_leftImg8bit",)
 
 
+def strip_image_extension(name: str) -> str:
+  """`name` without its extension when that is an image file's (png, jpg, ..., any case); any
+  other dot stays, so `scan-10.21` is kept whole."""
+  stem, extension = os.path.splitext(name)
+  return stem if extension.lower() in IMAGE_EXTENSIONS else name
+
+
+def id_candidates(line: str) -> list[str]:
+  """What a split-file line may name, the most literal first: the line, its first field's file
+  name, that name without an image extension, and that without a dataset suffix."""
+  text = line.strip()
+  name = os.path.basename(text.split()[0])
+  stem = strip_image_extension(name)
+  candidates = [text, name, stem]
+  candidates += [stem[:-len(suffix)] for suffix in _ID_SUFFIXES if stem.endswith(suffix)]
+  return list(dict.fromkeys(candidates))
+
+
+def resolve_id(line: str, known_ids) -> str | None:
+  """The first of id_candidates(line) in `known_ids` (the dataset's ids), or None."""
+  return next((c for c in id_candidates(line) if c in known_ids), None)
+
+
 def normalize_id(line: str) -> str:
-  """A split-file line -> the image id (stem of the first field, dataset suffixes removed)."""
-  first = line.split()[0]
-  stem = os.path.splitext(os.path.basename(first))[0]
-  for suffix in _ID_SUFFIXES:
-    if stem.endswith(suffix):
-      stem = stem[:-len(suffix)]
-  return stem
+  """A split-file line -> the image id when the dataset's ids are not at hand: the most reduced
+  of id_candidates (file name, image extension and dataset suffixes removed)."""
+  return id_candidates(line)[-1]
+
+
+def read_lines(path: str) -> list[str]:
+  """The entries of a split file: its lines, stripped, without blank ones and # comments."""
+  try:
+    with open(path) as f:
+      lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+  except OSError as e:
+    raise UserError(f"{path}: cannot read the split file ({e.strerror})") from None
+  if not lines:
+    raise UserError(f"{path}: the split file lists no images; expected one image id per line")
+  return lines
 
 
 def read_ids(path: str) -> list[str]:
-  """The ids of a split file, in file order, each once."""
-  try:
-    with open(path) as f:
-      lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
-  except OSError as e:
-    raise UserError(f"{path}: cannot read the split file ({e.strerror})") from None
-  ids = list(dict.fromkeys(normalize_id(line) for line in lines))
-  if not ids:
-    raise UserError(f"{path}: the split file lists no images; expected one image id per line")
-  return ids
+  """The ids of a split file (normalize_id of each line), in file order, each once."""
+  return list(dict.fromkeys(normalize_id(line) for line in read_lines(path)))
 
 
 def write_ids(path: str, ids: list[str]) -> None:
@@ -91,19 +118,23 @@ def indices_from_folder(folder: str, train_ids: list[str],
                         num_labeled: int) -> tuple[np.ndarray, np.ndarray]:
   """(labeled, unlabeled) sorted indices into train for the split lists in `folder`.
 
-  train_ids: the id of every train example; the first num_labeled have labels. Every listed id
-  must be a train image (labeled.txt: one with a label), else one line names the file and id.
+  train_ids: the id of every train example; the first num_labeled have labels. Every line must
+  resolve (resolve_id) to a train image (labeled.txt: one with a label), else one line names the
+  file and the line.
   """
   position = {image_id: i for i, image_id in enumerate(train_ids)}
 
   def lookup(path: str, labeled: bool) -> np.ndarray:
-    ids = read_ids(path)
-    missing = [i for i in ids if i not in position or (labeled and position[i] >= num_labeled)]
+    lines = read_lines(path)
+    ids = [resolve_id(line, position) for line in lines]
+    missing = [line for line, i in zip(lines, ids)
+               if i is None or (labeled and position[i] >= num_labeled)]
     if missing:
       what = "labeled train image" if labeled else "train image"
-      raise UserError(f"{path}: {len(missing)} of {len(ids)} ids are not a {what} of the dataset "
-                      f"(first: {missing[0]!r}); expected ids such as {train_ids[0]!r}")
-    return np.sort(np.asarray([position[i] for i in ids], np.int64))
+      raise UserError(f"{path}: {len(missing)} of {len(lines)} ids are not a {what} of the "
+                      f"dataset (first: {missing[0]!r}); expected ids such as {train_ids[0]!r} "
+                      "(or file names)")
+    return np.unique(np.asarray([position[i] for i in ids], np.int64))
 
   labeled = lookup(os.path.join(folder, "labeled.txt"), labeled=True)
   unlabeled_path = os.path.join(folder, "unlabeled.txt")

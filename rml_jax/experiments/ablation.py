@@ -70,7 +70,8 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the labeled subset stays fixed).")
   flags.DEFINE_list("rungs", list(RUNGS), f"Rungs to run, from {list(RUNGS)}.")
   flags.DEFINE_string("compilation_cache", compilation_cache.DEFAULT_DIR, compilation_cache.HELP)
-  flags.DEFINE_string("set", "", "Extra overrides for every rung, e.g. 'total_steps=500'.")
+  flags.DEFINE_string("set", "", "Extra overrides for every rung, e.g. "
+                      "'total_steps=500,rml.rectify_start_step=125'.")
   flags.mark_flags_as_required(["config", "out"])
 
 
