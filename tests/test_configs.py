@@ -83,10 +83,8 @@ def _write_folder(root: str, preset: str) -> None:
   rng = np.random.default_rng(0)
   image_dir, label_dir, unlabeled_dir = {
       "isbi": ("train/image", "train/label", "unlabeled"),
-      "stanford": ("images", "labels", ""),
-      "facade": ("images", "labels", "")}.get(preset, ("images", "labels", "unlabeled"))
-  values = np.array({"stanford": [0, 1, 2, 7, 15], "facade": [0, 1, 3, 11]}.get(preset, [0, 255]),
-                    np.uint8)
+      "stanford": ("images", "labels", "")}.get(preset, ("images", "labels", "unlabeled"))
+  values = np.array([0, 1, 2, 7, 15] if preset == "stanford" else [0, 255], np.uint8)
   stems = [f"img{i}" for i in range(8)]
   for stem in stems:
     _png(os.path.join(root, image_dir, f"{stem}.png"),
@@ -96,7 +94,7 @@ def _write_folder(root: str, preset: str) -> None:
     for i in range(2):
       _png(os.path.join(root, unlabeled_dir, f"u{i}.png"),
            rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
-  if preset in ("stanford", "facade"):
+  if preset == "stanford":
     os.makedirs(os.path.join(root, "splits"))
     for name, listed in (("train", stems[:6]), ("val", stems[6:])):
       with open(os.path.join(root, "splits", f"{name}.txt"), "w") as f:
@@ -107,7 +105,6 @@ def _write_folder(root: str, preset: str) -> None:
     "tiny,data.val_holdout=2",
     pytest.param("isbi,tiny", marks=pytest.mark.slow),
     pytest.param("stanford,tiny", marks=pytest.mark.slow),
-    pytest.param("facade,tiny", marks=pytest.mark.slow),
     # no unlabeled image: supervised trains (its summaries without unlabeled ones); iml stops
     pytest.param("tiny,data.val_holdout=2,data.unlabeled_dir=,mode=supervised",
                  marks=pytest.mark.slow)])
