@@ -4,7 +4,7 @@ docs/fidelity.md).
 One threshold tau (eq. 2) keeps the confident pixels of the large, easy classes and drops most of
 the small, thin and look-alike ones, so the unlabeled loss becomes a prior towards the easy
 classes. Each pseudo-label source keeps a running histogram of its labels' confidence per class,
-[K, B] float32 over B equal bins of [0, 1] (`update_histogram`), and a rule turns it into one
+[K, B] float32 over B equal bins of [0, 1] (`running_mean`), and a rule turns it into one
 threshold per class [K]:
 
   cbst      class k's threshold is the confidence above which the top `portion` of the pixels
@@ -48,14 +48,6 @@ def confidence_histogram(labels: jax.Array, confidence: jax.Array, mask: jax.Arr
   counts = jnp.bincount(flat, weights=mask.reshape(-1).astype(jnp.float32),
                         length=num_classes * bins)
   return counts.reshape(num_classes, bins)
-
-
-def update_histogram(running: jax.Array, batch: jax.Array, momentum: float) -> jax.Array:
-  """Running histogram [K, B] <- momentum * running + (1 - momentum) * batch [K, B].
-
-  Only each class's shape matters to the rules, so a class absent from a batch keeps its
-  distribution (its row only shrinks)."""
-  return momentum * running + (1.0 - momentum) * batch
 
 
 def _cdf_at_edges(histogram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -125,10 +117,12 @@ def mean_prediction(probs: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(total > 0, mean, 1.0 / probs.shape[-1])
 
 
-def update_distribution(running: jax.Array, batch: jax.Array, momentum: float,
-                        present: jax.Array | bool = True) -> jax.Array:
-  """Running class shares [K] <- momentum * running + (1 - momentum) * batch [K]; unchanged
-  where `present` (scalar bool: the batch had pixels) is False."""
+def running_mean(running: jax.Array, batch: jax.Array, momentum: float,
+                 present: jax.Array | bool = True) -> jax.Array:
+  """The running statistics (a histogram [K, B] or class shares [K]) <- momentum * running +
+  (1 - momentum) * batch, of the same shape; unchanged where `present` (scalar bool: the batch
+  had pixels) is False. The rules read only each class's shape of a histogram, so a class
+  absent from a batch keeps its distribution (its row only shrinks)."""
   return jnp.where(present, momentum * running + (1.0 - momentum) * batch, running)
 
 

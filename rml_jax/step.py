@@ -296,10 +296,10 @@ def distribution_alignment(learners: tuple[Learner, Learner], soft: tuple[jax.Ar
     label_shares = learner.label_distribution
     if labeled_labels is not None:
       known = labeled_labels != IGNORE_LABEL
-      label_shares = balance_lib.update_distribution(
+      label_shares = balance_lib.running_mean(
           label_shares, balance_lib.class_shares(labeled_labels, known, cfg.num_classes),
           momentum, jnp.any(known))
-    predicted = balance_lib.update_distribution(
+    predicted = balance_lib.running_mean(
         learner.prediction_distribution, balance_lib.mean_prediction(probs, in_image), momentum,
         jnp.any(in_image))
     aligned.append(balance_lib.align_distribution(probs, label_shares, predicted))
@@ -361,7 +361,7 @@ def class_balance(learners: tuple[Learner, Learner], candidates: tuple[Candidate
     if rml.class_balance != "none":
       batch = balance_lib.confidence_histogram(candidate.labels, candidate.confidence, in_image,
                                                cfg.num_classes, rml.class_balance_bins)
-      histogram = balance_lib.update_histogram(histogram, batch, rml.class_balance_momentum)
+      histogram = balance_lib.running_mean(histogram, batch, rml.class_balance_momentum)
     thresholds = balance_lib.class_thresholds(rml.class_balance, histogram, rml.threshold,
                                               rml.class_balance_portion, rml.class_balance_floor)
     valid = in_image & (candidate.confidence >= thresholds[candidate.labels])

@@ -30,11 +30,12 @@ def _fixed_batch():
   return labels, confidence, mask
 
 
-def _numpy_histogram(labels, confidence, mask):
-  out = np.zeros((K, BINS))
+def _numpy_histogram(labels, confidence, mask, k=K, bins=BINS):
+  """Pixel counts per (class, bin), pixel by pixel."""
+  out = np.zeros((k, bins))
   for label, c, m in zip(labels.ravel(), confidence.ravel(), mask.ravel()):
     if m:
-      out[label, min(int(c * BINS), BINS - 1)] += 1
+      out[label, min(int(c * bins), bins - 1)] += 1
   return out
 
 
@@ -60,7 +61,7 @@ def test_histogram_matches_numpy():
   got = class_balance.confidence_histogram(jnp.asarray(labels), jnp.asarray(confidence),
                                            jnp.asarray(mask), K, BINS)
   np.testing.assert_array_equal(np.asarray(got), _numpy_histogram(labels, confidence, mask))
-  running = class_balance.update_histogram(jnp.ones((K, BINS)), got, 0.9)
+  running = class_balance.running_mean(jnp.ones((K, BINS)), got, 0.9)
   np.testing.assert_allclose(running, 0.9 + 0.1 * np.asarray(got), rtol=1e-6)
 
 
@@ -130,8 +131,8 @@ def test_step_thresholds_each_source_with_its_own_histogram(data_dir, rule):
                                                          jnp.asarray(0), cfg)
   for i, learner in enumerate(learners):
     labels, confidence = probs[i].argmax(-1), probs[i].max(-1)
-    histogram = _numpy_histogram_k(labels, confidence, cfg.num_classes,
-                                   config.rml.class_balance_bins)
+    histogram = _numpy_histogram(labels, confidence, np.ones(labels.shape, bool),
+                                 cfg.num_classes, config.rml.class_balance_bins)
     np.testing.assert_allclose(learner.confidence_histogram, histogram, atol=1e-3)
     thresholds = np.asarray(metrics[f"class_threshold_{'ab'[i]}"])
     expected = np.asarray(class_balance.class_thresholds(
@@ -142,13 +143,6 @@ def test_step_thresholds_each_source_with_its_own_histogram(data_dir, rule):
     assert valid.mean() > (confidence >= tau).mean()
     np.testing.assert_array_equal(targets[0][i].valid, valid)  # no CutMix: student a's labels
     np.testing.assert_array_equal(targets[0][i].labels, labels)
-
-
-def _numpy_histogram_k(labels, confidence, k, bins):
-  out = np.zeros((k, bins))
-  np.add.at(out, (labels.ravel(), np.minimum((confidence.ravel() * bins).astype(int),
-                                             bins - 1)), 1.0)
-  return out
 
 
 def test_distribution_alignment_matches_numpy():
@@ -163,10 +157,10 @@ def test_distribution_alignment_matches_numpy():
                              rtol=1e-6)
   mean = np.asarray(class_balance.mean_prediction(jnp.asarray(probs), jnp.asarray(known)))
   np.testing.assert_allclose(mean, probs[known].mean(0), rtol=1e-5)
-  running = np.asarray(class_balance.update_distribution(jnp.full(K, 0.25), jnp.asarray(mean),
+  running = np.asarray(class_balance.running_mean(jnp.full(K, 0.25), jnp.asarray(mean),
                                                          0.9))
   np.testing.assert_allclose(running, 0.9 * 0.25 + 0.1 * mean, rtol=1e-6)
-  kept = class_balance.update_distribution(jnp.full(K, 0.25), jnp.asarray(mean), 0.9, False)
+  kept = class_balance.running_mean(jnp.full(K, 0.25), jnp.asarray(mean), 0.9, False)
   np.testing.assert_array_equal(kept, np.full(K, 0.25, np.float32))
   aligned = np.asarray(class_balance.align_distribution(jnp.asarray(probs), jnp.asarray(shares),
                                                         jnp.asarray(mean)))
