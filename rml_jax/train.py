@@ -182,13 +182,13 @@ def check_unlabeled(config: ml_collections.ConfigDict, num_unlabeled: int) -> No
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from workdir's latest checkpoint), evaluates, returns the last eval."""
+  sources = datasets.data_sources(config.data)  # a bad data folder stops before any write
   program = Program.create(config)
   if config.rml.stages > 1 and jax.process_count() > 1:
     raise UserError("config.rml.stages > 1 is not supported with several processes yet")
   if not Workdir.has_checkpoints(workdir):  # a new run: a bad params file stops before any write
     state.check_pretrained_files(config)
   run = Workdir(workdir, config.keep_checkpoints)
-  sources = datasets.data_sources(config.data)
   labeled_idx, unlabeled_idx = datasets.split(config.data, sources, cache_dir=run.path)
   check_unlabeled(config, len(unlabeled_idx))
   run.write_start(config, labeled_idx)

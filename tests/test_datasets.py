@@ -229,6 +229,16 @@ def test_image_folder_missing_root_names_the_key(tmp_path):
     datasets.data_sources(config.data)
 
 
+def test_a_bad_data_folder_stops_training_before_the_workdir_is_written(tmp_path):
+  from rml_jax import train
+
+  config = _folder_config(str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError, match=r"config.data.root: .*nowhere is not a directory"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()  # no empty checkpoints/ folder that a rerun would resume from
+
+
 @pytest.mark.skipif(not os.path.isdir(ISBI), reason="../shared/data/isbi2012 is not here")
 def test_isbi2012_folder_two_classes(tmp_path):
   config = folder.get_config(f"isbi,tiny,data.root={ISBI}")
