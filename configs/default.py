@@ -117,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Distribution alignment (outside the paper): p^0 times the labeled pixels' class shares
       # over the source's mean prediction, renormalised, before rectification.
       distribution_alignment=False,
+      # Soft targets (outside the paper): eq. 2's cross-entropy against the source's whole
+      # distribution (p^0, or eq. 6's renormalised after rectification) on the pixels that pass
+      # the threshold, instead of against its argmax.
+      soft_targets=False,
   ))
   # Inference for eval, predict and stored soft labels: "whole" images (at eval.resize, None =
   # as stored) or "sliding" windows (eval.window, None = the crop; stride a fraction of it).

@@ -38,6 +38,16 @@ def pseudo_label_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) ->
   return jnp.mean(per_pixel * valid.astype(per_pixel.dtype))
 
 
+def soft_pseudo_label_loss(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+  """Eq. 2 with the source's distribution as the target instead of its argmax (outside the
+  paper: rml.soft_targets, docs/fidelity.md). logits [N, H, W, K], targets [N, H, W, K]
+  summing to 1 over K, valid [N, H, W] bool -> scalar: -sum_k q_k log softmax(logits)_k times
+  `valid`, averaged over all N*H*W pixels as pseudo_label_loss."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  per_pixel = -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+  return jnp.mean(per_pixel * valid.astype(per_pixel.dtype))
+
+
 def mutual_loss(logits_a: jax.Array, logits_b: jax.Array, labels_a: jax.Array,
                 labels_b: jax.Array, valid_a: jax.Array, valid_b: jax.Array) -> jax.Array:
   """Eq. 5: the four pseudo-label terms, students a and b each taught by teachers a and b.

@@ -99,6 +99,19 @@ def class_confidence(features: jax.Array, prototypes: jax.Array,
   return jax.nn.softmax(-distance / temperature, axis=-1, where=seen)
 
 
+def rectified_distribution(probs: jax.Array, confidence: jax.Array) -> jax.Array:
+  """Eq. 6 as a distribution: omega * p^0 renormalised over the classes.
+
+  Args:
+    probs: [N, H, W, K] soft pseudo labels p^0; confidence: [N, H, W, K] class-wise omega.
+  Returns:
+    [N, H, W, K] float32, summing to 1 over K (all 0 where omega * p^0 is 0 everywhere).
+  """
+  weighted = confidence.astype(jnp.float32) * probs.astype(jnp.float32)
+  total = jnp.sum(weighted, -1, keepdims=True)
+  return weighted / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+
+
 def rectify(probs: jax.Array, confidence: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eq. 6: rectified hard labels and their confidence.
 
@@ -108,11 +121,8 @@ def rectify(probs: jax.Array, confidence: jax.Array) -> tuple[jax.Array, jax.Arr
     (labels [N, H, W] int32 = argmax_k(omega * p),
      label_confidence [N, H, W] float32 = max_k(omega * p) / sum_k(omega * p)).
   """
-  weighted = confidence.astype(jnp.float32) * probs.astype(jnp.float32)
-  total = jnp.sum(weighted, -1)
-  labels = jnp.argmax(weighted, -1).astype(jnp.int32)
-  label_confidence = jnp.max(weighted, -1) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
-  return labels, label_confidence
+  distribution = rectified_distribution(probs, confidence)
+  return jnp.argmax(distribution, -1).astype(jnp.int32), jnp.max(distribution, -1)
 
 
 def omega_entropy(confidence: jax.Array, mask: jax.Array) -> jax.Array:

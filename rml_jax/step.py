@@ -103,20 +103,24 @@ class StepConfig:
 
 @struct.dataclass
 class Candidates:
-  """One source's hard pseudo labels before any threshold: labels [N, H, W] int32 and their
-  confidence [N, H, W] float32 (max_k p^0, or eq. 6's after rectification)."""
+  """One source's hard pseudo labels before any threshold: labels [N, H, W] int32, their
+  confidence [N, H, W] float32 and the distribution [N, H, W, K] float32 both are read from
+  (p^0, or eq. 6's omega * p^0 renormalised after rectification)."""
 
   labels: jax.Array
   confidence: jax.Array
+  distribution: jax.Array
 
 
 @struct.dataclass
 class PseudoLabels:
-  """One source's hard pseudo labels: labels [N, H, W] int32, valid [N, H, W] bool (confident
-  and inside the image: the pixels that enter eq. 2)."""
+  """One source's pseudo labels: labels [N, H, W] int32, valid [N, H, W] bool (confident and
+  inside the image: the pixels that enter eq. 2); with rml.soft_targets also the distribution
+  [N, H, W, K] float32 that eq. 2 then takes as its target (None: the hard labels)."""
 
   labels: jax.Array
   valid: jax.Array
+  distribution: jax.Array | None = None
 
 
 Metrics = dict[str, jax.Array]
@@ -136,7 +140,7 @@ def pseudo_labels(logits: jax.Array, threshold: float) -> tuple[jax.Array, Pseud
 
 def candidates_of(probs: jax.Array) -> Candidates:
   """Soft labels p^0 [N, H, W, K] -> their argmax and its probability (eq. 2 before tau)."""
-  return Candidates(jnp.argmax(probs, -1).astype(jnp.int32), jnp.max(probs, -1))
+  return Candidates(jnp.argmax(probs, -1).astype(jnp.int32), jnp.max(probs, -1), probs)
 
 
 def ema_update(teacher: Any, student: Any, decay: jax.Array) -> Any:
@@ -213,8 +217,10 @@ def self_rectify(learner: Learner, probs: jax.Array, features: jax.Array, in_ima
   rectified, rectified_confidence = prototypes_lib.rectify(probs, omega)
   raw = candidates_of(probs)
   use = applied & seen[raw.labels]
+  distribution = (raw.distribution if not cfg.rml.soft_targets else jnp.where(
+      use[..., None], prototypes_lib.rectified_distribution(probs, omega), raw.distribution))
   candidates = Candidates(jnp.where(use, rectified, raw.labels),
-                          jnp.where(use, rectified_confidence, raw.confidence))
+                          jnp.where(use, rectified_confidence, raw.confidence), distribution)
   metrics = {"rectified_classes": jnp.where(applied, jnp.sum(seen), 0),
              "omega_entropy": jnp.where(applied, prototypes_lib.omega_entropy(omega, in_image),
                                         0.0)}
@@ -366,7 +372,8 @@ def class_balance(learners: tuple[Learner, Learner], candidates: tuple[Candidate
                                               rml.class_balance_portion, rml.class_balance_floor)
     valid = in_image & (candidate.confidence >= thresholds[candidate.labels])
     updated.append(learner.replace(confidence_histogram=histogram))
-    pseudo.append(PseudoLabels(candidate.labels, valid))
+    pseudo.append(PseudoLabels(candidate.labels, valid,
+                               candidate.distribution if rml.soft_targets else None))
     metrics[f"class_threshold_{name}"] = thresholds
   return tuple(updated), tuple(pseudo), metrics
 
@@ -382,14 +389,14 @@ def cutmix_per_student(strong: jax.Array, pseudo: tuple[PseudoLabels, ...], rng:
   PseudoLabels of its mode.routes).
   """
   n, h, w = pseudo[0].labels.shape
-  arrays = [a for p in pseudo for a in (p.labels, p.valid)]
+  leaves, treedef = jax.tree.flatten(pseudo)  # labels, valid (and distribution) per source
   mixed_views = []
   for view in range(strong.shape[1]):
     view_rng = jax.random.fold_in(rng, view) if cfg.per_student_views else rng
     box = augment.cutmix_box_masks(view_rng, n, h, w, cfg.augment.cutmix_prob,
                                    tuple(cfg.augment.cutmix_area))
-    image, labels_a, valid_a, labels_b, valid_b = augment.cutmix(box, strong[:, view], *arrays)
-    mixed_views.append((image, (PseudoLabels(labels_a, valid_a), PseudoLabels(labels_b, valid_b))))
+    image, *mixed_leaves = augment.cutmix(box, strong[:, view], *leaves)
+    mixed_views.append((image, jax.tree.unflatten(treedef, mixed_leaves)))
   views, targets = [], []
   for student, route in enumerate(cfg.mode.routes):
     image, mixed = mixed_views[student if cfg.per_student_views else 0]
@@ -473,13 +480,18 @@ def student_loss_fn(labels: jax.Array, targets: tuple[PseudoLabels, ...],
     sup = losses.cross_entropy(logits[:num_labeled], labels, IGNORE_LABEL)  # eq. 1
     if not targets:
       return sup, {"sup_loss": sup}
-    first, second = targets  # eq. 5: both terms share one weight on every rung
     unlabeled = logits[num_labeled:]
-    unsup = (losses.pseudo_label_loss(unlabeled, first.labels, first.valid)
-             + losses.pseudo_label_loss(unlabeled, second.labels, second.valid))
+    unsup = sum(_pseudo_label_term(unlabeled, target) for target in targets)  # eq. 5
     return sup + unsup_weight * unsup, {"sup_loss": sup, "unsup_loss": unsup}
 
   return loss_fn
+
+
+def _pseudo_label_term(logits: jax.Array, target: PseudoLabels) -> jax.Array:
+  """Eq. 2 for one source: hard labels, or with rml.soft_targets its distribution."""
+  if target.distribution is None:
+    return losses.pseudo_label_loss(logits, target.labels, target.valid)
+  return losses.soft_pseudo_label_loss(logits, target.distribution, target.valid)
 
 
 def student_logits(model: nn.Module, params: Any, batch_stats: Any,

@@ -58,6 +58,20 @@ def test_pseudo_label_loss_counts_masked_pixels_in_the_mean(rng):
   assert not np.isclose(float(got), only_valid)
 
 
+def test_soft_pseudo_label_loss_matches_numpy_and_equals_eq2_on_one_hot_targets(rng):
+  logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32) * 2
+  targets = rng.dirichlet(np.ones(3), size=(2, 4, 5)).astype(np.float32)
+  valid = rng.uniform(size=(2, 4, 5)) < 0.5
+  expected = (-(targets * np_log_softmax(logits.astype(np.float64))).sum(-1) * valid).mean()
+  got = losses.soft_pseudo_label_loss(*map(jnp.asarray, (logits, targets, valid)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  labels = rng.integers(0, 3, (2, 4, 5))
+  one_hot = np.eye(3, dtype=np.float32)[labels]
+  np.testing.assert_allclose(
+      losses.soft_pseudo_label_loss(*map(jnp.asarray, (logits, one_hot, valid))),
+      np_pseudo_label_loss(logits, labels, valid), rtol=1e-5)
+
+
 def test_mutual_loss_is_the_four_terms_of_eq5(rng):
   shape = (2, 4, 4)
   logits_a, logits_b = (rng.normal(size=shape + (5,)).astype(np.float32) for _ in range(2))

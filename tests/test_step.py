@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -144,12 +145,14 @@ def _unlabeled_batch(views: int) -> dict:
           "label": np.full((2, 64, 64), 255, np.int32)}
 
 
-@pytest.mark.parametrize("views", ["per_student", "shared"])
-def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, views):
-  """Per student: its view, and the labels and masks of both teachers it learns from, are
-  mixed with its own box (numpy mixing as the reference); shared: one view and box for both."""
+@pytest.mark.parametrize("views, soft", [("per_student", False), ("shared", False),
+                                         ("per_student", True)])
+def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, views, soft):
+  """Per student: its view, and the labels and masks of both teachers it learns from (with
+  rml.soft_targets their distributions too), are mixed with its own box (numpy mixing as the
+  reference); shared: one view and box for both."""
   config = tiny_config(data_dir, f"mode=iml,augment.strong_views={views},"
-                       "augment.cutmix_prob=1.0,rml.threshold=0.5")
+                       f"augment.cutmix_prob=1.0,rml.threshold=0.5,rml.soft_targets={soft}")
   program = Program.create(config)
   cfg = program.step_config
   train_state = program.fresh_state(jax.random.key(0))
@@ -158,8 +161,8 @@ def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, v
   _, mixed_views, targets, _ = step.unlabeled_targets(
       train_state, jax.tree.map(jnp.asarray, unlabeled), rng, jnp.asarray(0), cfg)
   weak = inference.normalize(jnp.asarray(unlabeled["weak"]), cfg.mean, cfg.std)
-  plain = [step.pseudo_labels(o["logits"], cfg.rml.threshold)[1]
-           for o in step.source_outputs(train_state, weak, step.MODES["iml"])]
+  sources = [step.pseudo_labels(o["logits"], cfg.rml.threshold)
+             for o in step.source_outputs(train_state, weak, step.MODES["iml"])]
   strong = np.asarray(inference.normalize(jnp.asarray(unlabeled["strong"]), cfg.mean, cfg.std))
 
   def mixed(box, array):
@@ -174,9 +177,14 @@ def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, v
         cfg.augment.cutmix_area))
     boxes.append(box)
     np.testing.assert_allclose(mixed_views[student], mixed(box, strong[:, view]), rtol=1e-6)
-    for source, target in zip(plain, targets[student]):  # iml: both teachers teach each student
+    for (probs, source), target in zip(sources, targets[student]):  # iml: both teach each
       np.testing.assert_array_equal(target.labels, mixed(box, np.asarray(source.labels)))
       np.testing.assert_array_equal(target.valid, mixed(box, np.asarray(source.valid)))
+      if soft:
+        np.testing.assert_allclose(target.distribution, mixed(box, np.asarray(probs)),
+                                   rtol=1e-6)
+      else:
+        assert target.distribution is None
   if views == "per_student":
     assert not np.array_equal(boxes[0], boxes[1])
     assert not np.allclose(mixed_views[0], mixed_views[1])
@@ -258,4 +266,13 @@ def test_rectification_leaves_a_class_without_prototype_at_its_p0_label(data_dir
     assert confidence[idx] == pytest.approx(weighted.max() / weighted.sum(), rel=1e-4)
   assert (labels[0, :3] == unseen).all()
   assert float(metrics["rectified_classes"]) == k - 1
+  soft_rml = ml_collections.ConfigDict(cfg.rml)
+  soft_rml.soft_targets = True
+  soft_cfg = dataclasses.replace(cfg, rml=ml_collections.FrozenConfigDict(soft_rml))
+  soft, _ = step.self_rectify(learner, jnp.asarray(probs), jnp.asarray(features),
+                              jnp.ones((1, 8, 8), bool), jnp.asarray(0), soft_cfg)
+  distribution = np.asarray(soft.distribution)
+  np.testing.assert_array_equal(distribution.argmax(-1), labels)  # the labels' distribution
+  np.testing.assert_allclose(distribution.max(-1), confidence, rtol=1e-5)
+  np.testing.assert_allclose(distribution[0, :3], probs[0, :3], rtol=1e-6)  # unseen: p^0
   assert float(metrics["omega_entropy"]) > 0
