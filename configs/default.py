@@ -121,6 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
       # distribution (p^0, or eq. 6's renormalised after rectification) on the pixels that pass
       # the threshold, instead of against its argmax.
       soft_targets=False,
+      # > 0 (outside the paper): a pseudo label counts only where every pixel within this many
+      # pixels has the same label: the band along class boundaries, where the teachers' labels
+      # are least reliable, is left out on both sides.
+      boundary_ignore=0,
   ))
   # Inference for eval, predict and stored soft labels: "whole" images (at eval.resize, None =
   # as stored) or "sliding" windows (eval.window, None = the crop; stride a fraction of it).

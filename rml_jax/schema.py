@@ -222,6 +222,7 @@ RULES: dict[str, Check] = {
     "rml.class_balance_bins": integer(2),
     "rml.distribution_alignment": boolean(),
     "rml.soft_targets": boolean(),
+    "rml.boundary_ignore": integer(0),
     "eval.protocol": choice("whole", "sliding"),
     "eval.window": optional(size()),
     "eval.stride": number(0.0, 1.0, low_open=True),

@@ -143,6 +143,20 @@ def candidates_of(probs: jax.Array) -> Candidates:
   return Candidates(jnp.argmax(probs, -1).astype(jnp.int32), jnp.max(probs, -1), probs)
 
 
+def label_interior(labels: jax.Array, radius: int) -> jax.Array:
+  """labels [N, H, W] int -> [N, H, W] bool: True where every pixel within `radius` (a square
+  window, clipped at the border) holds the same label, i.e. away from a class boundary of the
+  label map (outside the paper: rml.boundary_ignore)."""
+  if radius <= 0:
+    return jnp.ones(labels.shape, bool)
+  window = (1, 2 * radius + 1, 2 * radius + 1)
+  low = jax.lax.reduce_window(labels, jnp.iinfo(labels.dtype).max, jax.lax.min, window,
+                              (1, 1, 1), "SAME")
+  high = jax.lax.reduce_window(labels, jnp.iinfo(labels.dtype).min, jax.lax.max, window,
+                               (1, 1, 1), "SAME")
+  return low == high
+
+
 def ema_update(teacher: Any, student: Any, decay: jax.Array) -> Any:
   """Eq. 4's mean teacher: theta' <- decay * theta' + (1 - decay) * theta, leaf by leaf."""
   return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, teacher, student)
@@ -354,8 +368,9 @@ def class_balance(learners: tuple[Learner, Learner], candidates: tuple[Candidate
   """Each source's per-class thresholds (class_balance.py) and the pseudo labels that pass
   them: every source's running confidence histogram takes this batch's in-image candidates,
   then rml.class_balance turns it into thresholds [K] (all tau for 'none', which leaves the
-  histograms as they are), and a pixel is valid where it is in the image and its confidence
-  reaches its label's threshold.
+  histograms as they are), and a pixel is valid where it is in the image, its confidence
+  reaches its label's threshold and, with rml.boundary_ignore = r > 0, no pixel within r of it
+  has another label.
 
   Returns (learners with updated histograms, PseudoLabels per source, metrics
   `class_threshold_X` [K]).
@@ -370,7 +385,8 @@ def class_balance(learners: tuple[Learner, Learner], candidates: tuple[Candidate
       histogram = balance_lib.running_mean(histogram, batch, rml.class_balance_momentum)
     thresholds = balance_lib.class_thresholds(rml.class_balance, histogram, rml.threshold,
                                               rml.class_balance_portion, rml.class_balance_floor)
-    valid = in_image & (candidate.confidence >= thresholds[candidate.labels])
+    valid = (in_image & (candidate.confidence >= thresholds[candidate.labels])
+             & label_interior(candidate.labels, rml.boundary_ignore))
     updated.append(learner.replace(confidence_histogram=histogram))
     pseudo.append(PseudoLabels(candidate.labels, valid,
                                candidate.distribution if rml.soft_targets else None))

@@ -22,6 +22,20 @@ def test_pseudo_labels_threshold_the_teacher_confidence():
   np.testing.assert_array_equal(pseudo.valid, expected_probs.max(-1) >= 0.8)
 
 
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_label_interior_keeps_pixels_whose_window_holds_one_label(radius):
+  rng = np.random.default_rng(radius)
+  labels = rng.integers(0, 3, (2, 9, 11)).astype(np.int32)
+  labels[0, :, :5] = 1  # a wide region: its inside survives any radius here
+  got = np.asarray(step.label_interior(jnp.asarray(labels), radius))
+  expected = np.zeros(labels.shape, bool)
+  for n, i, j in np.ndindex(labels.shape):
+    window = labels[n, max(i - radius, 0):i + radius + 1, max(j - radius, 0):j + radius + 1]
+    expected[n, i, j] = (window == labels[n, i, j]).all()
+  np.testing.assert_array_equal(got, expected)
+  assert got[0, 4, 1] and (radius == 0 or not got.all())
+
+
 def test_unsup_weight_ramp_and_ema_decay_warmup():
   steps = jnp.asarray([0, 50, 100, 200])
   np.testing.assert_allclose(step.unsup_weight_at(steps, 0.5, 100),
