@@ -17,7 +17,8 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<shape>.+?) (?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+) \((?P<params>.*)\) -> .* \{$")
-_IOTA_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\] \{(?P<used>[^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]"
+                          r"(?:, device_ids=\S+)? \{(?P<used>[^}]*)\}")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
 _IOTA_V2 = re.compile(r"replica_groups=\[(?P<groups>\d+),(?P<size>\d+)\]<=")
 

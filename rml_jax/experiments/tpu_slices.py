@@ -115,24 +115,43 @@ def table_row(name: str, result: dict) -> str:
           f"{b['compute_s'] * 1e3:.0f} / {b['memory_s'] * 1e3:.0f} ({b['bound']}) |")
 
 
+def memory_bound_notes(results: dict[str, dict]) -> list[str]:
+  """One line per memory-bound train program: the instructions that move the most bytes."""
+  notes = []
+  for name, result in results.items():
+    train = result["programs"]["train"]
+    if train["lower_bounds"]["bound"] == "memory":
+      top = "; ".join(f"`{r['name']}` {r['bytes'] / 2**20:.0f} MiB ({r['source'][-70:]})"
+                      for r in train["largest_instructions"][:3])
+      notes.append(f"- {name}: {top}")
+  return notes
+
+
 def table(out: str) -> str:
-  """The markdown table of every row with a JSON or an error line in `out`."""
+  """The markdown table of every row with a JSON or an error line in `out`, then the largest
+  instructions of the memory-bound rows."""
   lines = ["| row | slice | mesh data x fsdp | dtype | batch, peak lr | train GiB/chip: "
            "arguments / temporaries / total of HBM | TFLOP/chip | GiB accessed/chip | "
            "collectives (kind x count/group, bytes per chip) | compile s | lower bounds ms: "
            "FLOPs/peak / bytes/bandwidth |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  results = {}
   for name, (_, config, topology, slices, _) in ROWS.items():
     path = os.path.join(out, name)
     if os.path.exists(path + ".json"):
       with open(path + ".json") as f:
-        lines.append(table_row(name, json.load(f)))
+        results[name] = json.load(f)
+      lines.append(table_row(name, results[name]))
     elif os.path.exists(path + ".error.txt"):
       with open(path + ".error.txt") as f:
         error = f.read().strip().replace("|", "/")
       where = f"{slices}x " if slices > 1 else ""
       lines.append(f"| {name} | {where}{topology} | `{config.split(':', 1)[-1]}` | | | "
                    f"{error} | | | | | |")
+  notes = memory_bound_notes(results)
+  if notes:
+    lines += ["", "Memory-bound rows, the instructions that move the most bytes per chip "
+              "(outputs plus operands):", *notes]
   return "\n".join(lines)
 
 
