@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       poly_power=0.9, warmup_steps=0,
       # The decoders and heads at 40x the encoders' rate; a DeepLabv2 student b's ResNet
       # ('backbone/') learns at the base rate.
-      lr_multipliers=(("^(decoder|classifier|head)/", 40.0),)))
+      lr_multipliers=(("^(decoder|classifier|head)/", 40.0),),
+      reference_batch_size=8))  # UniMatch V2's rates are for 8 labeled images per step
   config.labeled_batch_size = 8
   config.unlabeled_batch_size = 8
   config.rml.update(dict(mode="rml", threshold=0.95, ema_decay=0.996, unsup_weight=1.0,

@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
       lr_multipliers=(),
       poly_power=0.9,  # lr * (1 - t / total_steps) ** poly_power
       warmup_steps=0,  # linear warm-up before the decay
+      # The peak rate at another global batch: none | linear | sqrt, times (labeled_batch_size /
+      # reference_batch_size) or its square root (docs/fidelity.md).
+      lr_scaling="none",
+      reference_batch_size=4,  # the batch learning_rate was set for (paper: 4 on Cityscapes)
   ))
   config.rml = ml_collections.ConfigDict(dict(
       mode="rml",  # supervised | mean_teacher | direct | iml | rml (the paper's ladder)

@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # which AdamW does far more reliably. The schedule stays poly.
   config.optimizer.update(dict(name="adamw", learning_rate=0.003, weight_decay=1e-4,
                                warmup_steps=50,
-                               decay_all_params=True))  # the demo's results were measured so
+                               decay_all_params=True,  # the demo's results were measured so
+                               reference_batch_size=8))  # learning_rate is for 8 + 8
   config.rml.update(dict(
       mode="iml",
       # At 0.9 nearly every confident pixel of digit_scenes is background (docs/results.md).

@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       scale_range=(0.5, 1.5),
   ))
   config.labeled_batch_size = 10  # paper: batch size 10
+  config.optimizer.reference_batch_size = 10
   config.unlabeled_batch_size = 10
   config.total_steps = 60_000  # paper: 60k iterations per stage
   config.rml.rectify_start_step = 6_000  # 10% of the stage, as city.py (docs/fidelity.md)

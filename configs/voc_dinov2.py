@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.update(dict(resize=None, crop_size=(518, 518), scale_range=(0.5, 2.0),
                           worker_count=8))
   config.labeled_batch_size = 16
+  config.optimizer.reference_batch_size = 16  # UniMatch V2: 4 per GPU on 4 GPUs
   config.unlabeled_batch_size = 16
   config.eval.update(dict(protocol="whole", resize=None, pad_to=(504, 504), window=None))
   config.eval_batch_size = 8

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Cloud TPU VM / pod slice: create, install the project on every worker, train, evaluate,
 # follow the logs, delete. Every subcommand accepts --dry-run to print the exact gcloud
-# commands instead of running them.
+# commands instead of running them. create --check --config=... first compiles the config for
+# the slice here (python -m rml_jax.bench --topology; needs libtpu, no TPU) and creates
+# nothing when it does not fit or its batch does not split.
 #
-#   launch/tpu_vm.sh create --name=rml --zone=us-central2-b --accelerator=v4-32
+#   launch/tpu_vm.sh create --name=rml --zone=us-central2-b --accelerator=v4-32 \
+#       [--check --config=configs/city.py]
 #   launch/tpu_vm.sh setup  --name=rml --zone=us-central2-b
 #   launch/tpu_vm.sh train  --name=rml --zone=us-central2-b --config=configs/digits.py \
 #       --workdir=gs://my-bucket/rml/digits
@@ -18,7 +21,7 @@ set -euo pipefail
 
 # Prints the usage; exits with $1 (0 when asked for with --help, 2 after a bad call).
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -44,6 +47,7 @@ ref=${RML_REF:-main}
 config=""
 workdir=""
 dry_run=0
+check=0
 extra=()
 
 for arg in "$@"; do
@@ -58,6 +62,7 @@ for arg in "$@"; do
     --config=*) config=${arg#*=} ;;
     --workdir=*) workdir=${arg#*=} ;;
     --dry-run) dry_run=1 ;;
+    --check) check=1 ;;
     --config.*) extra+=("$arg") ;;
     -h | --help) usage 0 ;;
     *) die "unknown argument '$arg' (see $0 --help)" ;;
@@ -101,8 +106,17 @@ main_command() {
   on_all_workers "$line"
 }
 
+# Compiles the config for the accelerator here, before anything is created; its one-line error
+# (and exit status 2) stops the script.
+check_compile() {
+  [[ -n $config ]] || die "--check needs --config (the config to compile for $accelerator)"
+  run "${PYTHON:-python3}" -m rml_jax.bench --config="$config" --topology="$accelerator" \
+    "${extra[@]}" || exit $?
+}
+
 case $command_name in
   create)
+    [[ $check -eq 1 ]] && check_compile
     run gcloud compute tpus tpu-vm create "$name" --zone="$zone" "${project_flag[@]}" \
       --accelerator-type="$accelerator" --version="$version"
     ;;

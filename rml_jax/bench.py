@@ -8,6 +8,11 @@ the device's measured peak (a large matmul and a large convolution timed in the 
 the ratio, peak memory where the device reports it, and the input pipeline's images/s on its own.
 Writes the same as JSON. Random weights, synthetic batches of the config's shapes (the input
 pipeline is timed separately on the real data).
+
+  python -m rml_jax.bench --config=configs/city.py --topology=v5e:2x4 [--num_slices=2]
+
+compiles the train step, the eval step and the eq. 10 prototype pass for a Cloud TPU slice
+instead, with no TPU here (rml_jax/tpu_compile.py), and reports what each needs per chip.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from rml_jax import (
   sharding,
   step,
   storage,
+  tpu_compile,
 )
+from rml_jax import compiled as compiled_lib
 from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import run_program
 from rml_jax.models.resnet import accumulates_in_float32
@@ -52,22 +59,28 @@ def define_flags() -> None:
                     "passes, one student's forward and forward+backward, one update + EMA.")
   flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache directory "
                       "(default off, so compile times are of a fresh compilation).")
+  flags.DEFINE_string("topology", "", "Compile for this Cloud TPU slice instead of running: a "
+                      "topology (v5e:2x4, v4:2x2x2) or accelerator type (v5litepod-8, v4-8).")
+  flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices (multi-slice).")
+  flags.DEFINE_list("programs", ["train", "eval", "prototypes"], "With --topology: the programs "
+                    "to compile (train, eval, prototypes).")
   flags.mark_flags_as_required(["config"])
 
 
 def synthetic_batch(config, rng: np.random.Generator) -> dict:
-  """A batch of the config's shapes and dtypes (see input_pipeline's layout)."""
-  h, w = config.data.crop_size
-  bl, bu = config.labeled_batch_size, config.unlabeled_batch_size
-  image = lambda n: rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)  # noqa: E731
-  batch = {"labeled": {"image": image(bl), "label": rng.integers(0, 2, (bl, h, w)).astype(
-      np.int32)}}
-  if MODES[config.rml.mode].unlabeled:
-    views = input_pipeline.num_strong_views(config)
-    strong = rng.integers(0, 256, (bu, views, h, w, 3), dtype=np.uint8)
-    batch["unlabeled"] = {"weak": image(bu), "strong": strong, "valid": np.ones((bu, h, w), bool),
-                          "label": np.full((bu, h, w), IGNORE_LABEL, np.int32)}
-  return batch
+  """A batch of the config's shapes and dtypes (tpu_compile.train_batch_shapes): random
+  images, labels 0 / 1 on the labeled images, every unlabeled pixel valid and unlabeled."""
+
+  def fill(path, shape):
+    key = path[-1].key
+    if key == "valid":
+      return np.ones(shape.shape, bool)
+    if key == "label":
+      values = rng.integers(0, 2, shape.shape) if path[0].key == "labeled" else IGNORE_LABEL
+      return np.full(shape.shape, values, np.int32)
+    return rng.integers(0, 256, shape.shape, dtype=np.uint8)
+
+  return jax.tree_util.tree_map_with_path(fill, tpu_compile.train_batch_shapes(config))
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:
@@ -188,7 +201,7 @@ def benchmark(config, steps: int, warmup: int, input_batches: int, pieces: bool 
         lowering_platforms=("cpu",))
   flops = flops_per_call(lowered, compiled, flop_notes, cpu_lowering)
 
-  compiled_memory = compiled_memory_bytes(compiled)
+  compiled_memory = compiled_lib.compiled_memory_bytes(compiled)
 
   step_s = None  # steps = 0: compile, FLOPs and memory only
   if steps > 0:
@@ -279,18 +292,6 @@ def flops_per_call(lowered, compiled=None, notes: list[str] | None = None,
   return float("nan")
 
 
-def compiled_memory_bytes(compiled) -> dict[str, int] | None:
-  """XLA's memory analysis of a compiled step: arguments, outputs, temporaries, aliased
-  (donated) bytes and their total (arguments + outputs + temporaries - aliased)."""
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0) or 0)
-           for name in ("argument", "output", "temp", "alias")}
-  sizes["total"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
-  return sizes
-
-
 def format_report(result: dict) -> str:
   giga = lambda x: f"{x / 1e9:.2f} GFLOP/s"  # noqa: E731
   timed = result["step_s_median"] is not None
@@ -323,10 +324,17 @@ def format_report(result: dict) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.topology:  # no local accelerator needed: the slice's devices come from libtpu
+    jax.config.update("jax_platforms", "cpu")
   compilation_cache.enable(FLAGS.compilation_cache)
-  result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.input_batches,
-                     FLAGS.pieces)
-  print(format_report(result), flush=True)
+  if FLAGS.topology:
+    result = tpu_compile.compile_for_slice(FLAGS.config, FLAGS.topology, FLAGS.num_slices,
+                                           tuple(FLAGS.programs))
+    print(tpu_compile.format_report(result), flush=True)
+  else:
+    result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.input_batches,
+                       FLAGS.pieces)
+    print(format_report(result), flush=True)
   if FLAGS.json:
     storage.write_text(storage.resolve(FLAGS.json), json.dumps(result, indent=1))
 

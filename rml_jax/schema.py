@@ -202,6 +202,8 @@ RULES: dict[str, Check] = {
                                          "pairs, e.g. (('^(decoder|classifier)/', 40.0),)"),
     "optimizer.poly_power": number(0.0),
     "optimizer.warmup_steps": integer(0),
+    "optimizer.lr_scaling": choice("none", "linear", "sqrt"),
+    "optimizer.reference_batch_size": integer(1),
     "rml.mode": choice(*MODES),
     "rml.threshold": number(0.0, 1.0),
     "rml.unsup_weight": number(0.0),

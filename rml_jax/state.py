@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from typing import Any, Sequence
 
@@ -73,14 +74,27 @@ def stage_length(config: ml_collections.ConfigDict) -> int:
   return config.total_steps
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup, then poly decay (1 - t/T)^power to 0 at the end of a stage (paper: poly)."""
+LR_SCALING = {"none": lambda ratio: 1.0, "linear": lambda ratio: ratio, "sqrt": math.sqrt}
+
+
+def scaled_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """optimizer.learning_rate times optimizer.lr_scaling's factor of the batch ratio
+  labeled_batch_size / optimizer.reference_batch_size: none 1, linear the ratio, sqrt its root."""
   opt = config.optimizer
+  ratio = config.labeled_batch_size / opt.reference_batch_size
+  return opt.learning_rate * LR_SCALING[opt.lr_scaling](ratio)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup, then poly decay (1 - t/T)^power to 0 at the end of a stage (paper: poly),
+  from the peak rate scaled_learning_rate(config)."""
+  opt = config.optimizer
+  peak = scaled_learning_rate(config)
   decay = optax.polynomial_schedule(
-      opt.learning_rate, 0.0, opt.poly_power, max(stage_length(config) - opt.warmup_steps, 1))
+      peak, 0.0, opt.poly_power, max(stage_length(config) - opt.warmup_steps, 1))
   if opt.warmup_steps <= 0:
     return decay
-  warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  warmup = optax.linear_schedule(0.0, peak, opt.warmup_steps)
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
 
 

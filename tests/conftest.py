@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-import jax
-import pytest
+# The tests run on the CPU; with libtpu installed (the test extra) jax would first probe for a
+# TPU and hold libtpu's lock file. Subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from configs import digits
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import digits  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 

@@ -4,16 +4,19 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+from rml_jax import tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "RML_"))}
+def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("TPU_", "RML_"))}
   return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], env=env,
-                        capture_output=True, text=True, timeout=60)
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
@@ -43,6 +46,34 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   remote = shlex.split(setup.stdout)[-1].split("=", 1)[1]
   assert "git clone --quiet https://example.com/rml_jax.git" in remote
   assert "pip install -q -e . 'jax[tpu]'" in remote
+
+
+def test_tpu_vm_check_compiles_before_create_in_the_dry_run():
+  result = _run("tpu_vm.sh", "create", "--name=rml", "--zone=z", "--accelerator=v5litepod-8",
+                "--check", "--config=configs/city.py", "--config.dtype=bfloat16", "--dry-run")
+  assert result.returncode == 0, result.stderr
+  check, create = [shlex.split(line) for line in result.stdout.splitlines()]
+  assert check[1:] == ["-m", "rml_jax.bench", "--config=configs/city.py",
+                       "--topology=v5litepod-8", "--config.dtype=bfloat16"]
+  assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+
+
+@pytest.mark.skipif(tpu.libtpu_missing() is not None, reason=str(tpu.libtpu_missing()))
+def test_tpu_vm_check_stops_before_create(tmp_path):
+  """digits:tiny's 2 + 2 images do not split over the 8 chips of v5litepod-8: the check's one
+  error line, exit 2, and gcloud never runs."""
+  gcloud = tmp_path / "gcloud"
+  gcloud.write_text(f"#!/bin/sh\ntouch {tmp_path / 'gcloud_ran'}\n")
+  gcloud.chmod(0o755)
+  env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable,
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  result = _run("tpu_vm.sh", "create", "--name=rml", "--zone=z", "--accelerator=v5litepod-8",
+                "--check", "--config=configs/digits.py:tiny", env=env)
+  assert result.returncode == 2, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.labeled_batch_size=2 does not split over the 8 chips")
+  assert "unlabeled_batch_size" in last and "optimizer.lr_scaling" in last
+  assert not (tmp_path / "gcloud_ran").exists()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -13,12 +13,12 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = (
     ("constants", "errors", "storage", "config_args", "compilation_cache"),
     ("losses", "prototypes", "class_balance", "metrics", "augment", "sharding", "soft_labels",
-     "weights", "visualize", "models", "datasets", "state", "checkpoint"),
+     "weights", "visualize", "models", "datasets", "state", "checkpoint", "compiled", "tpu"),
     ("inference",),
     ("step",),
     ("input_pipeline", "schema", "workdir"),
     ("program",),
-    ("train", "evaluate", "predict", "bench", "convert", "experiments"),
+    ("train", "evaluate", "predict", "bench", "tpu_compile", "convert", "experiments"),
     ("main",),
 )
 

@@ -132,3 +132,20 @@ def test_paper_configs_train_the_new_layers_at_ten_times_the_rate():
         text = "/".join(part.strip("[']") for part in path.split("]") if part)
         expected = 10.0 if text.startswith(("head/", "decode_", "classifier/")) else 1.0
         assert state.lr_multiplier_of(text, multipliers) == expected, (name, text)
+
+
+@pytest.mark.parametrize("scaling, expected", [
+    ("none", 1e-4), ("linear", 1e-4 * 16 / 4), ("sqrt", 1e-4 * 2.0)])
+def test_lr_scaling_against_the_reference_batch(scaling, expected):
+  """city.py's SGD (lr 1e-4 for the paper's batch 4) at 16 + 16 images: linear 4e-4, sqrt
+  2e-4; the first SGD step moves a bias (no decay) by lr times its gradient."""
+  config = city.get_config(f"cpu,model.frozen_bn=False,optimizer.lr_multipliers=(),"
+                           f"labeled_batch_size=16,unlabeled_batch_size=16,"
+                           f"optimizer.lr_scaling={scaling}")
+  assert config.optimizer.reference_batch_size == 4
+  assert state.scaled_learning_rate(config) == pytest.approx(expected, rel=1e-12)
+  assert float(state.learning_rate_schedule(config)(0)) == pytest.approx(expected, rel=1e-6)
+  params = {"bias": jnp.zeros((3,))}
+  tx = state.make_optimizer(config)
+  updates, _ = tx.update({"bias": jnp.ones((3,))}, tx.init(params), params)
+  np.testing.assert_allclose(updates["bias"], -expected, rtol=1e-6)

@@ -29,7 +29,7 @@ class DatasetSpec:
   standardize: dataset example -> the common example (None: already common); manual: needs
   config.data.manual_dir (checked by check_manual before anything is prepared); image_features:
   features skipped when only image ids are read; unlabeled_split: a split of images without
-  labels appended to train.
+  labels appended to train; image_size: (h, w) of every stored image (None: sizes vary).
   """
 
   make_builder: Callable[[ml_collections.ConfigDict, str], tfds.core.DatasetBuilder]
@@ -39,20 +39,22 @@ class DatasetSpec:
   check_manual: Callable[[str], None] | None = None
   image_features: tuple[str, ...] = ("image", "label")
   unlabeled_split: str = ""
+  image_size: tuple[int, int] | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "digit_scenes": DatasetSpec(
         make_builder=lambda cfg, d: digit_scenes.DigitScenes(data_dir=d,
                                                              file_format="array_record"),
-        class_names=lambda cfg: digit_scenes.CLASS_NAMES),
+        class_names=lambda cfg: digit_scenes.CLASS_NAMES,
+        image_size=(digit_scenes.IMAGE_SIZE, digit_scenes.IMAGE_SIZE)),
     "cityscapes": DatasetSpec(
         make_builder=lambda cfg, d: tfds.builder(cityscapes.TFDS_NAME, data_dir=d,
                                                  file_format="array_record"),
         class_names=lambda cfg: cityscapes.CLASS_NAMES,
         standardize=cityscapes.standardize, manual=True,
         check_manual=cityscapes.check_manual_dir,
-        image_features=("image_left", "segmentation_label")),
+        image_features=("image_left", "segmentation_label"), image_size=cityscapes.IMAGE_SIZE),
     "voc_aug": DatasetSpec(
         make_builder=lambda cfg, d: voc_aug.VocAug(data_dir=d, file_format="array_record"),
         class_names=lambda cfg: voc_aug.CLASS_NAMES, manual=True),
@@ -68,6 +70,11 @@ def _spec(data_config: ml_collections.ConfigDict) -> DatasetSpec:
     raise UserError(f"config.data.name: unknown dataset {data_config.name!r}; "
                     f"expected one of {sorted(DATASETS)}")
   return DATASETS[data_config.name]
+
+
+def stored_image_size(data_config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(h, w) of every stored image of the dataset, or None when their sizes vary."""
+  return _spec(data_config).image_size
 
 
 def _data_dir(data_config: ml_collections.ConfigDict) -> str:

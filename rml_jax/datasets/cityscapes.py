@@ -16,6 +16,7 @@ from rml_jax.constants import IGNORE_LABEL
 from rml_jax.errors import UserError
 
 TFDS_NAME = "cityscapes/semantic_segmentation"
+IMAGE_SIZE = (1024, 2048)  # (h, w) of every image
 REQUIRED_ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light",
                "traffic_sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
