@@ -135,7 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
       output="",  # a new folder ("" = <workdir>/export/<model>_<format>)
       model="teacher_a",  # teacher_a | teacher_b | student_a | student_b
       step=0,  # the checkpoint step (0 = the latest)
-      image_size=None,  # (h, w): one fixed input size; None = any size the model allows
+      # (h, w): one fixed input size; None = any size the model allows
+      image_size=ml_collections.config_dict.placeholder(tuple),
   ))
   config.labeled_batch_size = 4  # paper: batch size 4 (Cityscapes)
   config.unlabeled_batch_size = 4

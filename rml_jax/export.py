@@ -354,6 +354,9 @@ def write_folder(output: str, write: Callable[[str], None]) -> None:
   on any error the temporary folder is removed and `output` is left as it was."""
   parent, name = os.path.split(output.rstrip(os.sep))
   staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; the export is not
   try:
     write(staging)
     if os.path.isdir(output):
