@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
@@ -184,7 +185,7 @@ def write_onnx(fn: ServeFn, variables: Any, spec: InputSpec, target: str) -> Inp
 
   jax2onnx converts the traced primitives of the function (its jaxpr), not the library calls
   it would otherwise intercept, with transposed convolutions spelled as zero interleaving and a
-  plain convolution (see without_input_dilation).
+  plain convolution and max pools as slices (see onnx_friendly).
   """
   from jax2onnx import to_onnx
 
@@ -192,7 +193,7 @@ def write_onnx(fn: ServeFn, variables: Any, spec: InputSpec, target: str) -> Inp
     images = spec.abstract()
     closed = jax.make_jaxpr(lambda x: [fn(variables, x)[k] for k in OUTPUTS])(images)
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints debug lines
-      return to_onnx(without_input_dilation(closed), [images], opset=ONNX_OPSET,
+      return to_onnx(onnx_friendly(closed), [images], opset=ONNX_OPSET,
                      input_names=["images"], output_names=list(OUTPUTS), model_name="rml_jax")
 
   # The converter logs a warning with a traceback per optional plugin it cannot import.
@@ -217,37 +218,75 @@ def write_onnx(fn: ServeFn, variables: Any, spec: InputSpec, target: str) -> Inp
 WRITERS = {"savedmodel": write_savedmodel, "onnx": write_onnx, "stablehlo": write_stablehlo}
 
 
+def pad_axis(x: jax.Array, axis: int, low: int, high: int, value) -> jax.Array:
+  """`x` with `low` and `high` entries of `value` added before and after along `axis`, as a
+  concatenation (jax2onnx writes a pad of a symbolic batch only with batch 1). lax only:
+  jax2onnx intercepts jax.numpy calls with concrete shapes."""
+  pieces = [jax.lax.broadcast_in_dim(jnp.asarray(value, x.dtype),
+                                     x.shape[:axis] + (n,) + x.shape[axis + 1:], ())
+            for n in (low, high)]
+  return jax.lax.concatenate([p for p in (pieces[0], x, pieces[1]) if p.shape[axis]], axis)
+
+
 def interleave_zeros(x: jax.Array, axis: int, factor: int) -> jax.Array:
   """factor - 1 zeros between neighbours along `axis`: size s -> (s - 1) * factor + 1."""
-  x = jnp.expand_dims(x, axis + 1)
-  widths = [(0, 0)] * x.ndim
-  widths[axis + 1] = (0, factor - 1)
-  x = jnp.pad(x, widths)
+  x = pad_axis(jax.lax.expand_dims(x, (axis + 1,)), axis + 1, 0, factor - 1, 0)
   shape = x.shape[:axis] + (x.shape[axis] * factor,) + x.shape[axis + 2:]
-  return jax.lax.slice_in_dim(x.reshape(shape), 0, shape[axis] - factor + 1, axis=axis)
+  return jax.lax.slice_in_dim(jax.lax.reshape(x, shape), 0, shape[axis] - factor + 1, axis=axis)
 
 
-def without_input_dilation(closed: jax_core.ClosedJaxpr) -> Callable[..., list[jax.Array]]:
-  """A function evaluating `closed` (top level) that binds each input-dilated convolution
-  (lhs_dilation > 1: a transposed convolution) as interleave_zeros + an undilated one, the same
-  values; every other equation is bound as it is."""
-  jaxpr = closed.jaxpr
+def conv_without_input_dilation(lhs: jax.Array, rhs: jax.Array, **params) -> jax.Array:
+  """conv_general_dilated with lhs_dilation > 1 (a transposed convolution) as interleave_zeros
+  and an undilated convolution: the same values."""
+  spatial = params["dimension_numbers"].lhs_spec[2:]
+  for axis, factor in zip(spatial, params["lhs_dilation"]):
+    lhs = interleave_zeros(lhs, axis, factor) if factor > 1 else lhs
+  return jax.lax.conv_general_dilated_p.bind(lhs, rhs, **(params | {
+      "lhs_dilation": (1,) * len(spatial)}))
 
-  def run(*args):
+
+def max_pool_as_slices(x: jax.Array, *, window_dimensions, window_strides, padding,
+                       base_dilation, window_dilation) -> jax.Array:
+  """reduce_window_max (a max pool, no dilation) as the maximum of strided slices of the
+  -inf-padded input, one slice per window offset: the same values."""
+  del base_dilation, window_dilation  # 1 (onnx_friendly)
+  low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  for axis, (lo, hi) in enumerate(padding):
+    x = pad_axis(x, axis, lo, hi, low)
+  sizes = [(n - w) // s + 1 for n, w, s in zip(x.shape, window_dimensions, window_strides)]
+  out = None
+  for offset in itertools.product(*(range(w) for w in window_dimensions)):
+    piece = jax.lax.slice(x, offset, [o + (n - 1) * s + 1 for o, n, s in
+                                      zip(offset, sizes, window_strides)], window_strides)
+    out = piece if out is None else jax.lax.max(out, piece)
+  return out
+
+
+def onnx_friendly(closed: jax_core.ClosedJaxpr) -> Callable[..., list[jax.Array]]:
+  """A function evaluating `closed` that binds its primitives as they are, inlines nested jit
+  calls, and spells two that jax2onnx 0.12 lowers wrongly in other primitives with the same
+  values: input-dilated convolutions (conv_without_input_dilation) and max pools
+  (max_pool_as_slices)."""
+
+  def run(closed: jax_core.ClosedJaxpr, *args) -> list[jax.Array]:
+    jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts)) | dict(zip(jaxpr.invars, args))
     read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]  # noqa: E731
     for eqn in jaxpr.eqns:
-      values = [read(v) for v in eqn.invars]
-      params = dict(eqn.params)
-      if eqn.primitive is jax.lax.conv_general_dilated_p and max(params["lhs_dilation"]) > 1:
-        spatial = params["dimension_numbers"].lhs_spec[2:]
-        for axis, factor in zip(spatial, params["lhs_dilation"]):
-          values[0] = interleave_zeros(values[0], axis, factor) if factor > 1 else values[0]
-        params["lhs_dilation"] = (1,) * len(spatial)
-      out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
-      env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+      values, params = [read(v) for v in eqn.invars], eqn.params
+      if eqn.primitive.name == "jit":
+        out = run(params["jaxpr"], *values)
+      elif eqn.primitive is jax.lax.conv_general_dilated_p and max(params["lhs_dilation"]) > 1:
+        out = conv_without_input_dilation(*values, **params)
+      elif (eqn.primitive is jax.lax.reduce_window_max_p
+            and set(params["base_dilation"]) | set(params["window_dilation"]) == {1}):
+        out = max_pool_as_slices(*values, **params)
+      else:
+        out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
+      multiple = eqn.primitive.multiple_results or eqn.primitive.name == "jit"
+      env.update(zip(eqn.outvars, out if multiple else [out]))
     return [read(v) for v in jaxpr.outvars]
-  return run
+  return functools.partial(run, closed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,8 +504,13 @@ def main(argv: list[str]) -> None:
   for architecture in options["models"].split(","):
     for fmt in options["formats"].split(","):
       with tempfile.TemporaryDirectory() as folder:
-        r = measure(architecture, fmt, height, width, int(options["classes"]),
-                    int(options["repeats"]), folder)
+        try:
+          r = measure(architecture, fmt, height, width, int(options["classes"]),
+                      int(options["repeats"]), folder)
+        except Exception as e:  # one row per failure; the table goes on
+          print(f"| {architecture} | {fmt} | fails: {type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:200]} |", flush=True)
+          continue
       print(f"| {architecture} | {fmt} | {r['sizes']} | {r['mib']:.1f} | {r['load_s']:.2f} | "
             f"{r['first_call_s']:.2f} | {r['latency_s']:.3f} | {r['jax_latency_s']:.3f} |",
             flush=True)

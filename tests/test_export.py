@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -129,16 +130,35 @@ def test_models_without_symbolic_sizes_ask_for_one(data_dir):
       "n, 50, 66, 3"
 
 
-def test_transposed_convolutions_without_input_dilation_are_the_same():
-  """The ONNX path's rewrite of input-dilated convolutions keeps their values."""
-  layer = nn.ConvTranspose(3, (2, 3), strides=(2, 3), padding=((1, 0), (2, 1)))
-  x = jnp.asarray(_images(2, 5, 4), jnp.float32)
-  variables = layer.init(jax.random.key(0), x)
-  closed = jax.make_jaxpr(lambda x: [layer.apply(variables, x)])(x)
-  expected = layer.apply(variables, x)
-  rewritten = export.without_input_dilation(closed)
-  assert "lhs_dilation=(1, 1)" in str(jax.make_jaxpr(rewritten)(x))
-  np.testing.assert_allclose(rewritten(x)[0], expected, rtol=1e-6, atol=1e-6)
+class _Upsample(nn.Module):
+  """A transposed convolution and a max pool: the two primitives export.onnx_friendly
+  rewrites for jax2onnx."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.ConvTranspose(4, (2, 3), strides=(2, 3), padding=((1, 0), (2, 1)))(x)
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def test_onnx_rewrites_keep_the_values():
+  layer = _Upsample()
+  images = _images(2, 5, 4)
+  variables = layer.init(jax.random.key(0), jnp.zeros(images.shape))
+  expected = layer.apply(variables, images.astype(jnp.float32))
+  closed = jax.make_jaxpr(lambda x: [layer.apply(variables, x)])(images.astype(jnp.float32))
+  rewritten = export.onnx_friendly(closed)
+  text = str(jax.make_jaxpr(rewritten)(images.astype(jnp.float32)))
+  assert "lhs_dilation=(1, 1)" in text and "reduce_window_max" not in text
+  np.testing.assert_allclose(rewritten(images.astype(jnp.float32))[0], expected, atol=1e-6)
+  if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):
+    def serve(variables, images):
+      out = layer.apply(variables, images.astype(jnp.float32))
+      return {"probabilities": out, "labels": jnp.argmax(out, -1).astype(jnp.int32)}
+
+    with tempfile.TemporaryDirectory() as folder:
+      export.write_onnx(serve, variables, export.InputSpec.fixed(5, 4), f"{folder}/model.onnx")
+      got = export.load_runtime("onnx", folder)(images)
+    np.testing.assert_allclose(got["probabilities"], expected, atol=1e-5)
 
 
 def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
