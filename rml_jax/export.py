@@ -179,9 +179,9 @@ def write_savedmodel(fn: ServeFn, variables: Any, spec: InputSpec, target: str) 
 
 
 def write_onnx(fn: ServeFn, variables: Any, spec: InputSpec, target: str) -> InputSpec:
-  """ONNX (opset ONNX_OPSET) through jax2onnx: inputs ['images'], outputs OUTPUTS. A model
-  whose graph jax2onnx cannot write with a symbolic batch (a padding inside: DINOv2) gets
-  batch 1.
+  """ONNX (opset ONNX_OPSET) through jax2onnx: inputs ['images'], outputs OUTPUTS. A graph
+  jax2onnx cannot write with a symbolic batch is written for batch 1 (the returned spec, and
+  metadata.json, say so).
 
   jax2onnx converts the traced primitives of the function (its jaxpr), not the library calls
   it would otherwise intercept, with transposed convolutions spelled as zero interleaving and a

@@ -3,6 +3,7 @@ bad input is one line and leaves nothing behind."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -13,6 +14,7 @@ import tempfile
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -110,24 +112,45 @@ def test_dinov2_export_pads_inside_and_matches_predict(trained, fmt, tmp_path):
   _check_same(_run_export(output, fmt, images), _predicted(trained, images, "student_b"))
 
 
-def test_models_without_symbolic_sizes_ask_for_one(data_dir):
-  """DeepLabv2 traces with symbolic sizes; DINOv2 resamples position embeddings per size."""
-  config = tiny_config(data_dir, "model_b.name=dpt_dinov2_tiny")
-  config.data.crop_size = (56, 56)
-  program = Program.create(config)
-  state = jax.eval_shape(program.init_fn, jax.random.key(0))
-  mean, std = tuple(config.data.mean), tuple(config.data.std)
-  for name, symbolic in (("teacher_a", True), ("teacher_b", False)):
-    model, variables = export.inference.model_variables(state, name)
-    spec = export.symbolic_spec(export.serving_fn(model, mean, std, False), variables)
-    assert (spec is not None) == symbolic
-  serve = export.serving_fn(model, mean, std, False)
-  with pytest.raises(UserError, match=r"^config.export.image_size: dpt_dinov2_tiny cannot"):
-    export.input_spec(serve, variables, None, "dpt_dinov2_tiny", "stablehlo")
+def _random_model(name: str, size: tuple[int, int], abstract: bool = True):
+  """(serving function, variables) of registry model `name`, 5 classes: random weights, or
+  their shapes only (abstract: enough to trace)."""
+  model = export.models.build_model(ml_collections.ConfigDict({"name": name}), 5,
+                                    image_size=size)
+  init = functools.partial(model.init, jax.random.key(0), jnp.zeros((1, *size, 3)), train=False)
+  variables = jax.eval_shape(init) if abstract else jax.jit(init)()
+  return export.serving_fn(model, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False), variables
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("deeplabv2_tiny", "uint8 [N, H, W, 3], any N, height and width multiples of 8, at least 40"),
+    ("setr_naive_tiny", "uint8 [N, H, W, 3], any N, any height and width, at least 8"),
+    ("dpt_dinov2_tiny", None)])
+def test_symbolic_image_sizes_where_the_model_allows(name, sizes):
+  """DeepLabv2's strides need multiples; DINOv2 builds resampling matrices for each size."""
+  serve, variables = _random_model(name, (56, 56))
+  spec = export.symbolic_spec(serve, variables)
+  assert (spec and spec.describe()) == sizes
+  if sizes is None:
+    with pytest.raises(UserError, match=rf"^config.export.image_size: {name} cannot take"):
+      export.input_spec(serve, variables, None, name, "stablehlo")
+    return
   with pytest.raises(UserError, match=r"^config.export.image_size: format='onnx' takes one"):
-    export.input_spec(serve, variables, None, "deeplabv2_tiny", "onnx")
-  assert export.input_spec(serve, variables, (50, 66), "dpt_dinov2_tiny", "onnx").dims == \
-      "n, 50, 66, 3"
+    export.input_spec(serve, variables, None, name, "onnx")
+  assert export.input_spec(serve, variables, (50, 66), name, "onnx").dims == "n, 50, 66, 3"
+
+
+@pytest.mark.slow
+def test_setr_stablehlo_takes_sizes_it_was_not_traced_at():
+  serve, variables = _random_model("setr_naive_tiny", (64, 64), abstract=False)
+  spec = export.symbolic_spec(serve, variables)
+  with tempfile.TemporaryDirectory() as folder:
+    export.write_stablehlo(serve, variables, spec, f"{folder}/model.stablehlo")
+    run = export.load_runtime("stablehlo", folder)
+    for size in ((64, 64), (67, 93)):
+      images = _images(2, *size)
+      expected = jax.jit(serve)(variables, images)
+      _check_same(run(images), np.asarray(expected["probabilities"]))
 
 
 class _Upsample(nn.Module):
