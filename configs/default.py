@@ -141,6 +141,15 @@ def get_config() -> ml_collections.ConfigDict:
       model="teacher_a",  # teacher_a | teacher_b | student_a | student_b
       overlay_alpha=0.5,  # colour share of the overlays
   ))
+  # --mode=export: one model of a checkpoint for serving outside rml_jax (rml_jax/export.py).
+  config.export = ml_collections.ConfigDict(dict(
+      format="savedmodel",  # savedmodel (TF) | onnx | stablehlo (jax.export)
+      output="",  # a new folder ("" = <workdir>/export/<model>_<format>)
+      model="teacher_a",  # teacher_a | teacher_b | student_a | student_b
+      step=0,  # the checkpoint step (0 = the latest)
+      # (h, w): one fixed input size; None = any size the model allows
+      image_size=ml_collections.config_dict.placeholder(tuple),
+  ))
   config.labeled_batch_size = 4  # paper: batch size 4 (Cityscapes)
   config.unlabeled_batch_size = 4
   config.eval_batch_size = 8

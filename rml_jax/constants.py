@@ -7,3 +7,6 @@ IGNORE_LABEL = 255
 TEACHERS = ("teacher_a", "teacher_b")
 STUDENTS = ("student_a", "student_b")
 MODEL_NAMES = TEACHERS + STUDENTS
+
+# --mode=export's formats (config.export.format).
+EXPORT_FORMATS = ("savedmodel", "onnx", "stablehlo")

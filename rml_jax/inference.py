@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rml_jax.constants import STUDENTS, TEACHERS
+from rml_jax.constants import MODEL_NAMES, TEACHERS
 from rml_jax.state import RMLState
 
 ProbsFn = Callable[[jax.Array], dict[str, jax.Array]]
@@ -45,16 +45,23 @@ def apply_eval(model: nn.Module, variables: dict[str, Any], images: jax.Array
   return jax.lax.stop_gradient(model.apply(variables, images, train=False))
 
 
+def model_variables(state: RMLState, name: str) -> tuple[nn.Module, dict[str, Any]]:
+  """(module, variables) of one of the four models, by name (constants.MODEL_NAMES)."""
+  learner, model = ((state.learner_a, state.model_a) if name.endswith("_a")
+                    else (state.learner_b, state.model_b))
+  return model, (learner.teacher if name in TEACHERS else learner.student)
+
+
+def softmax_probs(model: nn.Module, variables: dict[str, Any], x: jax.Array) -> jax.Array:
+  """One model in eval mode on whole normalised images [N, H, W, 3] -> probs [N, H, W, K]."""
+  return jax.nn.softmax(apply_eval(model, variables, x)["logits"], -1)
+
+
 def whole_image_probs(state: RMLState, images: jax.Array, mean: tuple[float, ...],
                       std: tuple[float, ...]) -> dict[str, jax.Array]:
   """The four models on whole images: uint8 [N, H, W, 3] -> {name: softmax probs [N, H, W, K]}."""
   x = normalize(images, mean, std)
-  out = {}
-  for teacher, student, model, learner in zip(TEACHERS, STUDENTS, (state.model_a, state.model_b),
-                                              (state.learner_a, state.learner_b)):
-    out[teacher] = jax.nn.softmax(apply_eval(model, learner.teacher, x)["logits"], -1)
-    out[student] = jax.nn.softmax(apply_eval(model, learner.student, x)["logits"], -1)
-  return out
+  return {name: softmax_probs(*model_variables(state, name), x) for name in MODEL_NAMES}
 
 
 def probabilities(state: RMLState, images: jax.Array, mean: tuple[float, ...],

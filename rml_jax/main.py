@@ -2,7 +2,8 @@
 
 --mode=train (default) trains and evaluates, resuming from the workdir's latest checkpoint;
 --mode=eval restores the latest checkpoint and evaluates it; --mode=predict writes colour masks
-and overlays for the images of --config.predict.input.
+and overlays for the images of --config.predict.input; --mode=export writes one model as a TF
+SavedModel, ONNX or serialized StableHLO (--config.export.format).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                  "train (resumes), eval (latest checkpoint, val mIoU) or predict "
-                  "(masks for --config.predict.input).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+                  "train (resumes), eval (latest checkpoint, val mIoU), predict "
+                  "(masks for --config.predict.input) or export (config.export: a model for "
+                  "serving).")
 flags.DEFINE_string("compilation_cache", compilation_cache.DEFAULT_DIR, compilation_cache.HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -62,10 +64,10 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  from rml_jax import evaluate, predict, train  # jax-heavy: after flag parsing
+  from rml_jax import evaluate, export, predict, train  # jax-heavy: after flag parsing
 
   modes = {"train": train.train_and_evaluate, "eval": evaluate.evaluate,
-           "predict": predict.predict}
+           "predict": predict.predict, "export": export.export}
   modes[FLAGS.mode](config, FLAGS.workdir)  # a UserError ends as one line (run_program)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import ml_collections
 
 from rml_jax import augment, class_balance, datasets, models
-from rml_jax.constants import MODEL_NAMES
+from rml_jax.constants import EXPORT_FORMATS, MODEL_NAMES
 from rml_jax.errors import UserError
 from rml_jax.step import MODES
 
@@ -235,6 +235,11 @@ RULES: dict[str, Check] = {
     "predict.output": string(),
     "predict.model": choice(*MODEL_NAMES),
     "predict.overlay_alpha": number(0.0, 1.0),
+    "export.format": choice(*EXPORT_FORMATS),
+    "export.output": string(),
+    "export.model": choice(*MODEL_NAMES),
+    "export.step": integer(0),
+    "export.image_size": optional(size()),
     "labeled_batch_size": integer(1),
     "unlabeled_batch_size": integer(1),
     "eval_batch_size": integer(1),

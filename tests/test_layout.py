@@ -18,7 +18,7 @@ LAYERS = (
     ("step",),
     ("input_pipeline", "schema", "workdir"),
     ("program",),
-    ("train", "evaluate", "predict", "bench", "tpu_compile", "convert", "experiments"),
+    ("train", "evaluate", "predict", "export", "bench", "tpu_compile", "convert", "experiments"),
     ("main",),
 )
 
