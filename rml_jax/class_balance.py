@@ -54,7 +54,7 @@ def _cdf_at_edges(histogram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
   """(edges [B + 1], per-class cumulative share at each edge [K, B + 1], total mass [K])."""
   bins = histogram.shape[-1]
   total = histogram.sum(-1)
-  cumulative = jnp.cumsum(histogram, -1) / jnp.maximum(total, 1e-12)[:, None]
+  cumulative = jnp.cumsum(histogram, axis=-1) / jnp.maximum(total, 1e-12)[:, None]
   cdf = jnp.concatenate([jnp.zeros_like(cumulative[:, :1]), cumulative], -1)
   return jnp.linspace(0.0, 1.0, bins + 1), cdf, total
 

@@ -117,14 +117,31 @@ def pseudo_label_class_report(sums: dict[str, np.ndarray]) -> dict[str, np.ndarr
             "recall": np.where(sums["truth"] > 0, sums["correct"] / sums["truth"], np.nan)}
 
 
+def class_rates(matrix: np.ndarray) -> dict[str, np.ndarray]:
+  """From a confusion matrix [K, K] (rows: truth, columns: prediction), each [K]: 'precision'
+  TP / predicted, 'recall' TP / true (NaN where the class is never predicted / present),
+  'predicted_share' and 'true_share' of all counted pixels."""
+  matrix = np.asarray(matrix, np.float64)
+  true_pos, predicted, true = np.diag(matrix), matrix.sum(0), matrix.sum(1)
+  total = max(matrix.sum(), 1.0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return {"precision": np.where(predicted > 0, true_pos / predicted, np.nan),
+            "recall": np.where(true > 0, true_pos / true, np.nan),
+            "predicted_share": predicted / total, "true_share": true / total}
+
+
 def summarize(matrices: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, Any]:
-  """{model: {'miou': float, 'iou': {class: float or None}}} from summed confusion matrices."""
+  """{model: {'miou': float, 'iou', 'precision', 'recall', 'predicted_share', 'true_share':
+  {class: float or None}}} from summed confusion matrices (None: undefined for the class)."""
+
+  def per_class(values: np.ndarray) -> dict[str, float | None]:
+    return {c: (None if np.isnan(v) else float(v)) for c, v in zip(class_names, values)}
+
   results = {}
   for name, matrix in matrices.items():
-    iou = iou_from_confusion(matrix)
-    results[name] = {"miou": mean_iou(matrix),
-                     "iou": {c: (None if np.isnan(v) else float(v))
-                             for c, v in zip(class_names, iou)}}
+    rates = class_rates(matrix)
+    results[name] = {"miou": mean_iou(matrix), "iou": per_class(iou_from_confusion(matrix)),
+                     **{key: per_class(values) for key, values in rates.items()}}
   return results
 
 

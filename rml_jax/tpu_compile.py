@@ -71,11 +71,15 @@ def with_sharding(shapes: Any, mesh) -> Any:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch), shapes)
 
 
-def check_batches_split(config: ml_collections.ConfigDict, chips: int, where: str) -> None:
-  """Raises a UserError when a batch the programs take does not split over `chips` chips."""
+def check_batches_split(config: ml_collections.ConfigDict, chips: int, where: str,
+                        programs: tuple[str, ...] = ("train", "eval", "prototypes")) -> None:
+  """Raises a UserError when a batch that one of `programs` takes does not split over `chips`
+  chips (train: the labeled and unlabeled batches; eval and prototypes: eval_batch_size)."""
   train = ["labeled_batch_size"] + (["unlabeled_batch_size"]
                                     if MODES[config.rml.mode].unlabeled else [])
-  for key in train + ["eval_batch_size"]:
+  keys = (train if "train" in programs else []) + (
+      ["eval_batch_size"] if {"eval", "prototypes"} & set(programs) else [])
+  for key in keys:
     if config[key] % chips:
       keys = " and ".join(train) if key in train else key
       raise UserError(
@@ -139,7 +143,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, num_sl
   devices = tpu.slice_devices(tpu_slice, num_slices)
   chips = len(devices)
   where = f"{num_slices} x {tpu_slice.topology}" if num_slices > 1 else tpu_slice.topology
-  check_batches_split(config, chips, where)
+  check_batches_split(config, chips, where, programs)
   program = Program.create(config, devices)
   mesh = program.mesh
   args = {

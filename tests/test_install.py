@@ -17,6 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _run(command: list[str], **kwargs) -> str:
+  # Without the caller's PYTHONPATH: a checkout on it (with a build's rml_jax.egg-info) would
+  # make pip take the wheel's package for installed already.
+  kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
   result = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
   assert result.returncode == 0, (command, result.stdout[-3000:], result.stderr[-3000:])
   return result.stdout + result.stderr

@@ -25,6 +25,21 @@ def test_confusion_matrix_and_miou_match_numpy():
   np.testing.assert_allclose(metrics.mean_iou(got), np.mean(ious))
 
 
+def test_summary_precision_recall_and_shares_count_pixels():
+  rng = np.random.default_rng(2)
+  labels, preds = rng.integers(0, 3, 500), rng.integers(0, 2, 500)  # class 2 never predicted
+  matrix = np.zeros((3, 3), np.int64)
+  np.add.at(matrix, (labels, preds), 1)
+  got = metrics.summarize({"m": matrix}, ("a", "b", "c"))["m"]
+  for k, name in enumerate("ab"):
+    hit = (labels == k) & (preds == k)
+    assert got["precision"][name] == hit.sum() / (preds == k).sum()
+    assert got["recall"][name] == hit.sum() / (labels == k).sum()
+    assert got["predicted_share"][name] == (preds == k).mean()
+  assert got["precision"]["c"] is None and got["recall"]["c"] == 0.0
+  assert got["true_share"]["c"] == (labels == 2).mean()
+
+
 def test_confusion_metric_merges_by_summing_and_skips_absent_classes():
   a = metrics.ConfusionMatrix(jnp.asarray([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
   b = metrics.ConfusionMatrix(jnp.asarray([[1, 0, 0], [1, 1, 0], [0, 0, 0]]))

@@ -90,6 +90,19 @@ def test_libtpu_missing_names_the_package(monkeypatch):
     tpu.slice_devices(tpu.parse_slice("v5e:2x2"))
 
 
+def test_only_the_batches_of_the_compiled_programs_must_split(data_dir):
+  config = tiny_config(data_dir, "mode=iml,labeled_batch_size=4,unlabeled_batch_size=4,"
+                                 "eval_batch_size=2")
+  tpu_compile.check_batches_split(config, 4, "v5e:2x2", ("train",))  # eval's 2 is not taken
+  for programs in (("eval",), ("train", "prototypes")):
+    with pytest.raises(UserError, match=r"^config.eval_batch_size=2 does not split over the 4 "):
+      tpu_compile.check_batches_split(config, 4, "v5e:2x2", programs)
+  config.unlabeled_batch_size = 6
+  with pytest.raises(UserError, match=r"config.unlabeled_batch_size=6 .* set labeled_batch_size "
+                                      r"and unlabeled_batch_size to a multiple of 4"):
+    tpu_compile.check_batches_split(config, 4, "v5e:2x2", ("train",))
+
+
 @functools.lru_cache(maxsize=None)
 def _compile_tiny(data_dir: str, fsdp: int) -> tuple[dict, object]:
   """digits:tiny (supervised, 4 + 4 images) train step compiled for v5e:2x2 with mesh.fsdp (each

@@ -50,10 +50,15 @@ def _restore_final(config, workdir):
   return ckpt.restore(ckpt.latest_step(), program.abstract_state, program.meta)
 
 
+# The module's run balances its pseudo labels per class (cbst), so that the running confidence
+# histograms it reads are part of every resume and round trip checked here.
+TRAINED = "rml.class_balance=cbst,rml.threshold=0.5,rml.class_balance_floor=0.3"
+
+
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   """One uninterrupted 4-step run: (config, workdir, results)."""
-  config = tiny_config(data_dir)
+  config = tiny_config(data_dir, TRAINED)
   workdir = str(tmp_path_factory.mktemp("run_full"))
   results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
@@ -82,29 +87,16 @@ def test_eval_mode_reproduces_the_training_time_miou(trained):
 
 
 def test_interrupted_run_resumes_to_the_same_state(trained, data_dir, tmp_path):
+  """A run stopped after step 3 and resumed ends bitwise where the uninterrupted run ends, the
+  class-balance histograms included."""
   config, workdir, _ = trained
   reference = _restore_final(config, workdir)
-  paused = tiny_config(data_dir, "max_steps_per_run=3")
+  assert float(np.sum(reference.learner_a.confidence_histogram)) > 0
+  paused = tiny_config(data_dir, TRAINED + ",max_steps_per_run=3")
   resumed_dir = str(tmp_path / "resumed")
   train.train_and_evaluate(paused, resumed_dir)  # stops after step 3 with a checkpoint
   assert checkpoint.Checkpointer(os.path.join(resumed_dir, "checkpoints")).latest_step() == 3
   train.train_and_evaluate(paused, resumed_dir)  # resumes at 3 and finishes step 4
-  assert _leaves_equal(_restore_final(config, resumed_dir), reference)
-
-
-@pytest.mark.slow
-def test_class_balance_histograms_resume_bitwise(data_dir, tmp_path):
-  """The running confidence histograms that class balancing reads are train state: a run
-  stopped after step 3 and resumed ends where an uninterrupted run ends, histograms included."""
-  arg = "rml.class_balance=cbst,rml.threshold=0.5,rml.class_balance_floor=0.3"
-  config = tiny_config(data_dir, arg)
-  full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
-  train.train_and_evaluate(config, full_dir)
-  paused = tiny_config(data_dir, arg + ",max_steps_per_run=3")
-  train.train_and_evaluate(paused, resumed_dir)
-  train.train_and_evaluate(paused, resumed_dir)
-  reference = _restore_final(config, full_dir)
-  assert float(np.sum(reference.learner_a.confidence_histogram)) > 0
   assert _leaves_equal(_restore_final(config, resumed_dir), reference)
 
 
