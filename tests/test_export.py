@@ -251,3 +251,32 @@ def test_export_mode_without_a_checkpoint_is_one_line_and_exit_2(tmp_path):
   assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
   assert "--workdir: no checkpoints under" in errors[0]
   assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_a_folder_run_exports_its_own_normalisation_and_classes(tmp_path):
+  """An image-folder run (the stanford preset: 8 classes, ImageNet mean and std) exported with
+  symbolic sizes gives --mode=predict's probabilities at two sizes other than its crop."""
+  from configs import folder
+  from tests.test_configs import _write_folder
+
+  root = str(tmp_path / "folder")
+  _write_folder(root, "stanford")
+  config = folder.get_config(f"stanford,tiny,steps=1,eval_every=1,log_every=1,"
+                             f"checkpoint_every=1,data.root={root},"
+                             f"data.data_dir={tmp_path / 'tfds'}")
+  config.eval.resize = None  # the export leaves resizing to its caller
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  config.export.update(dict(format="stablehlo", output=str(tmp_path / "out")))
+  output = export.export(config, workdir)
+  meta = json.load(open(os.path.join(output, "metadata.json")))
+  assert len(meta["classes"]) == 8 and meta["classes"][0] == "sky"
+  program = Program.create(config)
+  run = Workdir(workdir, config.keep_checkpoints, read_only=True)
+  state = run.checkpointer.restore(run.latest_checkpoint(), program.abstract_state, program.meta)
+  run.close()
+  for size in ((48, 64), (40, 72)):
+    images = _images(2, *size)
+    _check_same(_run_export(output, "stablehlo", images),
+                np.asarray(program.predict(state, images)["teacher_a"]))

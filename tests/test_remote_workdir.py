@@ -60,6 +60,7 @@ def committed_steps(bucket, prefix: str) -> list[int]:
   return sorted(int(m[1]) for m in map(pattern.fullmatch, bucket.names(prefix)) if m)
 
 
+@pytest.mark.remote_kill  # left out of CI's 15 minutes: -m remote_kill
 def test_remote_run_killed_resumed_evaluated_predicted(emulator, remote_env, data_dir,
                                                       tmp_path, monkeypatch):
   bucket = emulator.bucket()

@@ -133,6 +133,7 @@ def test_two_stage_run_paused_at_the_boundary_resumes_bitwise(data_dir, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.remote_kill  # left out of CI's 15 minutes: -m remote_kill
 def test_two_stage_remote_run_killed_while_labelling(emulator, remote_env, data_dir, tmp_path,
                                                       two_stage_run):
   """A gs:// workdir (the emulated bucket): SIGKILL while the stage-1 teachers label, then the
