@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
       threshold=0.9,  # tau in eq. 2: confidence a pseudo label needs
       unsup_weight=1.0,  # weight of each student's two terms of eq. 5 (paper: unit weights)
       unsup_rampup_steps=0,  # > 0: sigmoid ramp-up of lambda over these steps (mean teacher)
+      # > 0 (outside the paper): lambda ramps down to zero over this fraction of each stage's
+      # last steps, so the low-learning-rate tail fits the labeled images alone.
+      unsup_rampdown=0.0,
       ema_decay=0.999,  # eq. 4's mean-teacher decay (warmed up as min(decay, (t+1)/(t+10)))
       # labeled: running BN statistics from the labeled pass only (two passes per student);
       # joint: one pass over concat(labeled, strong).

@@ -153,7 +153,7 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
     inputs, target = targets(train_state, batch["unlabeled"])
   else:
     inputs, target = labeled, ()
-  weight = step.unsup_weight_at(now, cfg.rml.unsup_weight, cfg.rml.unsup_rampup_steps)
+  weight = cfg.unsup_weight_at(now)
   loss_fn = step.student_loss_fn(labels, target, weight)
 
   @jax.jit

@@ -208,6 +208,7 @@ RULES: dict[str, Check] = {
     "rml.threshold": number(0.0, 1.0),
     "rml.unsup_weight": number(0.0),
     "rml.unsup_rampup_steps": integer(0),
+    "rml.unsup_rampdown": number(0.0, 1.0),
     "rml.ema_decay": number(0.0, 1.0),
     "rml.bn_stats": choice("joint", "labeled"),
     "rml.stages": integer(1),

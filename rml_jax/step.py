@@ -63,8 +63,8 @@ class StepConfig:
   """The static settings of a step (hashable: part of the jit cache key).
 
   rml, augment: config.rml and config.augment as they are (frozen); mean, std: the input
-  standardisation; stage_steps: state.stage_length when there are several stages, else 0 (the
-  step count never wraps); stored_labels: a later stage, whose p^0 is the previous stage's
+  standardisation; stage_steps: state.stage_length, the steps of each stage (the step count
+  wraps at it only when there are several stages); stored_labels: a later stage, whose p^0 is the previous stage's
   stored soft label; evaluation: the protocol of eval, predict and stored soft labels.
   """
 
@@ -84,7 +84,7 @@ class StepConfig:
     return cls(num_classes=num_classes, rml=ml_collections.FrozenConfigDict(config.rml),
                augment=ml_collections.FrozenConfigDict(config.augment),
                mean=tuple(config.data.mean), std=tuple(config.data.std),
-               stage_steps=state_lib.stage_length(config) if config.rml.stages > 1 else 0,
+               stage_steps=state_lib.stage_length(config),
                stored_labels=False,
                evaluation=inference.Protocol(
                    name=evaluation.protocol,
@@ -94,6 +94,12 @@ class StepConfig:
   @property
   def mode(self) -> "Mode":
     return MODES[self.rml.mode]
+
+  def unsup_weight_at(self, local_step: jax.Array) -> jax.Array:
+    """The unsupervised weight at a step of the stage, ramps included (unsup_weight_at)."""
+    rml = self.rml
+    return unsup_weight_at(local_step, rml.unsup_weight, rml.unsup_rampup_steps,
+                           round(rml.unsup_rampdown * self.stage_steps), self.stage_steps)
 
   @property
   def per_student_views(self) -> bool:
@@ -168,12 +174,24 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (step + 1.0) / (step + 10.0))
 
 
-def unsup_weight_at(step: jax.Array, weight: float, rampup_steps: int) -> jax.Array:
-  """Sigmoid-shaped ramp-up of the unsupervised weight: weight * exp(-5 (1 - t / T)^2), t < T."""
-  if rampup_steps <= 0:
-    return jnp.asarray(weight, jnp.float32)
-  progress = jnp.clip(step.astype(jnp.float32) / rampup_steps, 0.0, 1.0)
-  return weight * jnp.exp(-5.0 * (1.0 - progress) ** 2)
+def unsup_weight_at(step: jax.Array, weight: float, rampup_steps: int,
+                    rampdown_steps: int = 0, stage_steps: int = 0) -> jax.Array:
+  """The unsupervised weight at a step of the stage (a scalar).
+
+  Ramp-up (Laine and Aila 2017, as mean teacher): weight * exp(-5 (1 - t / U)^2) for t < U =
+  rampup_steps. Ramp-down over the stage's last D = rampdown_steps of S = stage_steps: times
+  exp(-12.5 p^2) with p = (t - (S - D)) / D, the Gaussian ramp-down shape of the same paper, so
+  that the low-learning-rate tail fits the labeled images alone (outside the paper: fidelity C.8).
+  """
+  step = step.astype(jnp.float32)
+  value = jnp.asarray(weight, jnp.float32)
+  if rampup_steps > 0:
+    progress = jnp.clip(step / rampup_steps, 0.0, 1.0)
+    value = value * jnp.exp(-5.0 * (1.0 - progress) ** 2)
+  if rampdown_steps > 0:
+    progress = jnp.clip((step - (stage_steps - rampdown_steps)) / rampdown_steps, 0.0, 1.0)
+    value = value * jnp.exp(-12.5 * progress ** 2)
+  return value
 
 
 def teacher_assignment(probs: jax.Array, in_image: jax.Array, height: int, width: int
@@ -587,7 +605,7 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
   rng = jax.random.fold_in(state.rng, state.step)
   cutmix_rng, rng_a, rng_b = jax.random.split(rng, 3)
   # Step within the current stage: ramp-ups and warm-ups restart with every stage.
-  local_step = state.step % cfg.stage_steps if cfg.stage_steps else state.step
+  local_step = state.step % cfg.stage_steps if cfg.rml.stages > 1 else state.step
   labeled_images = inference.normalize(batch["labeled"]["image"], cfg.mean, cfg.std)
   labels = batch["labeled"]["label"]
   learners = (state.learner_a, state.learner_b)
@@ -601,7 +619,7 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
         state, batch["unlabeled"], cutmix_rng, local_step, cfg, labeled_images, labels)
     inputs = tuple((labeled_images, view) if cfg.rml.bn_stats == "labeled"
                    else jnp.concatenate([labeled_images, view], axis=0) for view in views)
-  unsup_weight = unsup_weight_at(local_step, cfg.rml.unsup_weight, cfg.rml.unsup_rampup_steps)
+  unsup_weight = cfg.unsup_weight_at(local_step)
   decay = ema_decay_at(local_step, cfg.rml.ema_decay)
   updated = []
   for name, learner, previous, model, key, student_inputs, target in zip(

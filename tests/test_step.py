@@ -42,9 +42,27 @@ def test_unsup_weight_ramp_and_ema_decay_warmup():
                              0.5 * np.exp(-5 * (1 - np.clip([0, 0.5, 1, 2], 0, 1)) ** 2),
                              rtol=1e-6)
   np.testing.assert_allclose(step.unsup_weight_at(steps, 0.5, 0), 0.5)
+  # Ramp-down over the last 40 of 200 steps: exp(-12.5 p^2), p from 0 at step 160 to 1 at 200.
+  late = jnp.asarray([0, 159, 160, 180, 199, 200])
+  progress = np.clip((np.asarray([0, 159, 160, 180, 199, 200]) - 160) / 40, 0, 1)
+  np.testing.assert_allclose(step.unsup_weight_at(late, 0.5, 0, 40, 200),
+                             0.5 * np.exp(-12.5 * progress ** 2), rtol=1e-6)
+  np.testing.assert_allclose(step.unsup_weight_at(late, 0.5, 100, 40, 200),
+                             0.5 * np.exp(-5 * (1 - np.clip(np.asarray(late) / 100, 0, 1)) ** 2)
+                             * np.exp(-12.5 * progress ** 2), rtol=1e-6)
   np.testing.assert_allclose(step.ema_decay_at(steps, 0.99),
                              np.minimum(0.99, (np.asarray([0, 50, 100, 200]) + 1) / (
                                  np.asarray([0, 50, 100, 200]) + 10)), rtol=1e-6)
+
+
+def test_unsup_rampdown_is_a_fraction_of_each_stage():
+  config = tiny_config("unused")
+  config.total_steps, config.rml.stages, config.rml.unsup_rampdown = 100, 2, 0.25
+  config.rml.unsup_rampup_steps = 0
+  cfg = step.StepConfig.from_config(config, num_classes=11)
+  weights = np.asarray(cfg.unsup_weight_at(jnp.asarray([0, 75, 90, 100])))
+  expected = config.rml.unsup_weight * np.exp(-12.5 * np.asarray([0, 0, 0.6, 1.0]) ** 2)
+  np.testing.assert_allclose(weights, expected, rtol=1e-6)
 
 
 def _train_batch(size: int, views: int) -> dict:

@@ -37,6 +37,11 @@ ROWS = {
                                   "v5e:2x4", 1, "train"),
     "city_dinov2_L_v5e-8_fsdp8": ("dinoL", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=8",
                                   "v5e:2x4", 1, "train"),
+    # The temporaries (what the backward pass keeps), not the state, decide whether the L pair
+    # fits, and fsdp shards only the state: the same sweep with each block rematerialised.
+    **{f"city_dinov2_L_v5e-8_fsdp{n}_remat": (
+        "dinoL_remat", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp={n},model.remat=True",
+        "v5e:2x4", 1, "train") for n in (1, 2, 4, 8)},
     "city_bf16_v5e-8": ("", f"configs/city.py:{CITY_8},dtype=bfloat16", "v5e:2x4", 1,
                         "train,eval,prototypes"),
     "city_f32_v5e-4": ("", "configs/city.py", "v5e:2x2", 1, "train"),
