@@ -64,8 +64,9 @@ class StepConfig:
 
   rml, augment: config.rml and config.augment as they are (frozen); mean, std: the input
   standardisation; stage_steps: state.stage_length, the steps of each stage (the step count
-  wraps at it only when there are several stages); stored_labels: a later stage, whose p^0 is the previous stage's
-  stored soft label; evaluation: the protocol of eval, predict and stored soft labels.
+  wraps at it only when there are several stages); stored_labels: a later stage, whose p^0 is
+  the previous stage's stored soft label; evaluation: the protocol of eval, predict and stored
+  soft labels.
   """
 
   num_classes: int
