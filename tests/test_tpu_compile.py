@@ -3,6 +3,7 @@ one-line errors, and (slow) configs/digits.py:tiny compiled for a v5e 2x2 slice.
 
 import functools
 import math
+import subprocess
 
 import jax
 import pytest
@@ -80,6 +81,22 @@ def test_largest_instructions_count_outputs_and_operands():
   fusion = next(row for row in rows if row["name"] == "fusion")
   assert fusion["bytes"] == 2 * 1024 * 4 and fusion["source"] == "jit(f)/neg"
   assert "n" not in [row["name"] for row in rows]  # inside a fusion: not run on its own
+
+
+@pytest.mark.parametrize("returncode, stderr, kept", [
+    (2, "warning\nerror: the train program does not fit a v5e chip\n", True),
+    (-9, "", False),  # the host's out-of-memory killer: a rerun must compile the row again
+])
+def test_table_rows_keep_errors_but_not_kills(monkeypatch, tmp_path, returncode, stderr, kept):
+  from rml_jax.experiments import tpu_slices
+  monkeypatch.setattr(tpu_slices.subprocess, "run", lambda command, **kwargs:
+                      subprocess.CompletedProcess(command, returncode, "", stderr))
+  name = "city_f32_v5e-4"
+  assert not tpu_slices.run_row(name, str(tmp_path))
+  error_file = tmp_path / f"{name}.error.txt"
+  assert error_file.exists() == kept
+  if kept:
+    assert error_file.read_text() == "error: the train program does not fit a v5e chip\n"
 
 
 def test_libtpu_missing_names_the_package(monkeypatch):

@@ -42,8 +42,7 @@ ROWS = {
     **{f"city_dinov2_L_v5e-8_fsdp{n}_remat": (
         "dinoL_remat", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp={n},model.remat=True",
         "v5e:2x4", 1, "train") for n in (1, 2, 4, 8)},
-    "city_bf16_v5e-8": ("", f"configs/city.py:{CITY_8},dtype=bfloat16", "v5e:2x4", 1,
-                        "train,eval,prototypes"),
+    "city_bf16_v5e-8": ("", f"configs/city.py:{CITY_8},dtype=bfloat16", "v5e:2x4", 1, "train"),
     "city_f32_v5e-4": ("", "configs/city.py", "v5e:2x2", 1, "train"),
     "city_bf16_v5e-4": ("", "configs/city.py:dtype=bfloat16", "v5e:2x2", 1, "train"),
     "city_dinov2_B_v5e-8_fsdp1": ("dinoB", "configs/city_dinov2.py:mesh.fsdp=1", "v5e:2x4", 1,
@@ -72,6 +71,10 @@ def run_row(name: str, out: str) -> bool:
   print(f"[tpu_slices] {name}: {' '.join(command[1:])}", flush=True)
   result = subprocess.run(command, capture_output=True, text=True)
   print(result.stdout, flush=True)
+  if result.returncode < 0:  # killed (the host's out-of-memory killer): no result, rerun it
+    print(f"[tpu_slices] {name}: killed by signal {-result.returncode}; no result kept, a "
+          "rerun compiles it again", flush=True)
+    return False
   if result.returncode != 0:
     lines = result.stderr.strip().splitlines() or ["(no output)"]
     error = next((line for line in lines if line.startswith("error:")), lines[-1])
