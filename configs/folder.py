@@ -89,7 +89,6 @@ def _stanford(config: ml_collections.ConfigDict) -> None:
       train_list="splits/train.txt", val_list="splits/val.txt", labeled_fraction=1 / 8,
       resize=(120, 160), crop_size=(96, 96), scale_range=(0.75, 1.25),
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))  # ImageNet statistics
-  config.augment.strong_views = "per_student"
   config.eval.update(dict(protocol="whole", resize=(120, 160)))
   config.eval_batch_size = 16
 
