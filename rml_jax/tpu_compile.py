@@ -81,10 +81,10 @@ def check_batches_split(config: ml_collections.ConfigDict, chips: int, where: st
       ["eval_batch_size"] if {"eval", "prototypes"} & set(programs) else [])
   for key in keys:
     if config[key] % chips:
-      keys = " and ".join(train) if key in train else key
+      to_change = " and ".join(train) if key in train else key
       raise UserError(
           f"config.{key}={config[key]} does not split over the {chips} chips of {where}: set "
-          f"{keys} to a multiple of {chips}" + (
+          f"{to_change} to a multiple of {chips}" + (
               " (optimizer.lr_scaling=linear or sqrt rescales the learning rate from "
               f"optimizer.reference_batch_size={config.optimizer.reference_batch_size})"
               if key in train else ""))
