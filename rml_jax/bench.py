@@ -163,7 +163,7 @@ def time_pieces(program, train_state, batch: dict, repeats: int = 5) -> dict[str
 
   @jax.jit
   def gradients(student, inputs):
-    return step.student_gradients(student, model, inputs, rng, loss_fn)
+    return step.student_gradients(student, model, inputs, rng, loss_fn, cfg)
 
   @jax.jit
   def update(student, loss, batch_stats, grads):

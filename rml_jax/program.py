@@ -47,7 +47,8 @@ class Program:
     schema.validate(config)
     class_names = datasets.class_names(config.data)
     mesh = sharding.create_mesh(config.mesh, devices)
-    step_config = step.StepConfig.from_config(config, len(class_names))
+    step_config = dataclasses.replace(step.StepConfig.from_config(config, len(class_names)),
+                                      weights_sharding=sharding.weights_sharding(mesh))
     init_fn = state.make_init_fn(config, len(class_names))
     abstract_state, shardings = state.abstract_train_state(init_fn, mesh)
     train_fn, eval_fn, predict_fn = step.jit_steps(step_config, shardings, mesh)

@@ -30,6 +30,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def weights_sharding(mesh: Mesh) -> NamedSharding | None:
+  """Where a forward pass wants a model's weights (step.gathered): whole on every chip when
+  fsdp > 1 splits them in the state; None when they are not split."""
+  return replicated(mesh) if mesh.shape["fsdp"] > 1 else None
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over both mesh axes."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

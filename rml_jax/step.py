@@ -77,6 +77,9 @@ class StepConfig:
   stage_steps: int
   stored_labels: bool
   evaluation: inference.Protocol
+  # With mesh.fsdp > 1 the state keeps the weights split over "fsdp"; a forward pass gathers
+  # them to this (replicated) sharding at use (gathered). None: the weights are not split.
+  weights_sharding: jax.sharding.NamedSharding | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "StepConfig":
@@ -284,13 +287,41 @@ def _share(mask: jax.Array, in_image: jax.Array) -> jax.Array:
   return jnp.sum(mask & in_image) / jnp.maximum(jnp.sum(in_image), 1)
 
 
-def source_outputs(state: RMLState, weak: jax.Array, mode: Mode) -> tuple[dict, dict]:
+def gathered(weights: Any, cfg: StepConfig) -> Any:
+  """A model's variables as a forward pass uses them: whole on every chip.
+
+  With mesh.fsdp > 1 the state holds each big leaf split over "fsdp" (sharding.state_shardings).
+  Left to itself, XLA's sharding propagation carries that split from a kernel into the
+  activations it multiplies, and then regathers activations, all-reduces whole gradients and
+  recomputes work on every chip; gathering the weights at their use (FSDP, ZeRO-3's all-gather)
+  keeps the activations split by images only, and the gradients flowing back are summed over
+  every chip and split as the leaves are. Without fsdp: `weights` unchanged.
+  """
+  if cfg.weights_sharding is None:
+    return weights
+  return jax.lax.with_sharding_constraint(weights, cfg.weights_sharding)
+
+
+def with_gathered_weights(state: RMLState, cfg: StepConfig) -> RMLState:
+  """The state with the four models' variables gathered (`gathered`), for the programs that
+  only run forward passes (eval, predict, eq. 10's prototype pass)."""
+  if cfg.weights_sharding is None:
+    return state
+  return state.replace(**{name: learner.replace(
+      params=gathered(learner.params, cfg), batch_stats=gathered(learner.batch_stats, cfg),
+      ema_params=gathered(learner.ema_params, cfg),
+      ema_batch_stats=gathered(learner.ema_batch_stats, cfg))
+      for name, learner in (("learner_a", state.learner_a), ("learner_b", state.learner_b))})
+
+
+def source_outputs(state: RMLState, weak: jax.Array, mode: Mode, cfg: StepConfig
+                   ) -> tuple[dict, dict]:
   """The mode's two pseudo-label sources in eval mode on normalised images [N, H, W, 3]:
   ({'logits', 'features'} of learner a's, of learner b's)."""
   pick = (lambda learner: learner.teacher) if mode.source == "teacher" else (
       lambda learner: learner.student)
-  return (inference.apply_eval(state.model_a, pick(state.learner_a), weak),
-          inference.apply_eval(state.model_b, pick(state.learner_b), weak))
+  return (inference.apply_eval(state.model_a, gathered(pick(state.learner_a), cfg), weak),
+          inference.apply_eval(state.model_b, gathered(pick(state.learner_b), cfg), weak))
 
 
 def _split_batch(output: dict[str, jax.Array], first: int) -> tuple[dict, dict]:
@@ -464,7 +495,7 @@ def unlabeled_targets(state: RMLState, unlabeled: dict[str, jax.Array], rng: jax
   in_image, gt = unlabeled["valid"], unlabeled["label"]
   with_labeled = mode.rectify and cfg.rml.prototypes_from_labeled and labeled_weak is not None
   outputs = source_outputs(state, jnp.concatenate([labeled_weak, weak]) if with_labeled
-                           else weak, mode)
+                           else weak, mode, cfg)
   labeled_outputs = None
   labeled_known = None
   if with_labeled:
@@ -556,11 +587,14 @@ def student_logits(model: nn.Module, params: Any, batch_stats: Any,
 
 
 def student_gradients(learner: Learner, model: nn.Module, inputs, rng: jax.Array,
-                      loss_fn: LossFn) -> tuple[jax.Array, Any, dict[str, jax.Array], Any]:
-  """(loss, new batch_stats, loss metrics, gradients with respect to learner.params)."""
+                      loss_fn: LossFn, cfg: StepConfig
+                      ) -> tuple[jax.Array, Any, dict[str, jax.Array], Any]:
+  """(loss, new batch_stats, loss metrics, gradients with respect to learner.params, split as
+  the params are)."""
 
   def objective(params):
-    logits, batch_stats = student_logits(model, params, learner.batch_stats, inputs, rng)
+    logits, batch_stats = student_logits(model, gathered(params, cfg),
+                                         gathered(learner.batch_stats, cfg), inputs, rng)
     loss, aux = loss_fn(logits)
     return loss, (batch_stats, aux)
 
@@ -627,7 +661,8 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
       ("a", "b"), learners, (state.learner_a, state.learner_b), (state.model_a, state.model_b),
       (rng_a, rng_b), inputs, targets):
     loss, batch_stats, aux, grads = student_gradients(
-        learner, model, student_inputs, key, student_loss_fn(labels, target, unsup_weight))
+        learner, model, student_inputs, key, student_loss_fn(labels, target, unsup_weight),
+        cfg)
     learner, update_metrics = apply_update(learner, state.tx, loss, batch_stats, grads, decay,
                                            previous)
     metrics.update({f"{k}_{name}": v for k, v in {**aux, **update_metrics}.items()})
@@ -640,7 +675,8 @@ def train_step(state: RMLState, batch: dict[str, Any], *, cfg: StepConfig
 def predict_step(state: RMLState, images: jax.Array, *, cfg: StepConfig) -> dict[str, jax.Array]:
   """uint8 [N, H, W, 3] -> {model name: softmax probs [N, H, W, K] float32} for all four, under
   the config's eval protocol (whole image or sliding windows, optional flip)."""
-  return inference.probabilities(state, images, cfg.mean, cfg.std, cfg.evaluation)
+  return inference.probabilities(with_gathered_weights(state, cfg), images, cfg.mean, cfg.std,
+                                 cfg.evaluation)
 
 
 def eval_step(state: RMLState, batch: dict[str, jax.Array], *, cfg: StepConfig
@@ -663,7 +699,7 @@ def prototype_sums_step(state: RMLState, batch: dict[str, jax.Array], *, cfg: St
   images = inference.normalize(batch["image"], cfg.mean, cfg.std)
   sums, counts = [], []
   for model, learner in ((state.model_a, state.learner_a), (state.model_b, state.learner_b)):
-    outputs = inference.apply_eval(model, learner.teacher, images)
+    outputs = inference.apply_eval(model, gathered(learner.teacher, cfg), images)
     _, h, w, _ = outputs["features"].shape
     labels = teacher_assignment(jax.nn.softmax(outputs["logits"], axis=-1), batch["valid"], h, w)
     s, c = prototypes_lib.class_sums(outputs["features"], labels, cfg.num_classes)

@@ -120,7 +120,8 @@ def test_step_thresholds_each_source_with_its_own_histogram(data_dir, rule):
   train_state = program.fresh_state(jax.random.key(0))
   batch = jax.tree.map(jnp.asarray, _unlabeled_batch())
   weak = inference.normalize(batch["weak"], program.step_config.mean, program.step_config.std)
-  outputs = step.source_outputs(train_state, weak, program.step_config.mode)
+  outputs = step.source_outputs(train_state, weak, program.step_config.mode,
+                                 program.step_config)
   probs = [np.asarray(jax.nn.softmax(o["logits"], -1)) for o in outputs]
   # tau: the 80th percentile of the fresh teachers' confidences, so that some classes pass it.
   tau = float(np.quantile(np.concatenate([p.max(-1).ravel() for p in probs]), 0.8))

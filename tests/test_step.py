@@ -194,7 +194,7 @@ def test_each_student_learns_from_its_own_strong_view_and_cutmix_box(data_dir, v
       train_state, jax.tree.map(jnp.asarray, unlabeled), rng, jnp.asarray(0), cfg)
   weak = inference.normalize(jnp.asarray(unlabeled["weak"]), cfg.mean, cfg.std)
   sources = [step.pseudo_labels(o["logits"], cfg.rml.threshold)
-             for o in step.source_outputs(train_state, weak, step.MODES["iml"])]
+             for o in step.source_outputs(train_state, weak, step.MODES["iml"], cfg)]
   strong = np.asarray(inference.normalize(jnp.asarray(unlabeled["strong"]), cfg.mean, cfg.std))
 
   def mixed(box, array):
@@ -244,7 +244,7 @@ def test_stage_two_assigns_prototype_classes_by_the_current_teacher(data_dir):
   learners, _, _, _ = step.unlabeled_targets(train_state, batch, jax.random.key(9),
                                              jnp.asarray(0), cfg)
   weak = inference.normalize(batch["weak"], cfg.mean, cfg.std)
-  outputs = step.source_outputs(train_state, weak, step.MODES["rml"])
+  outputs = step.source_outputs(train_state, weak, step.MODES["rml"], cfg)
   for learner, before, output in zip(learners, (train_state.learner_a, train_state.learner_b),
                                      outputs):
     features = output["features"]

@@ -167,7 +167,9 @@ def test_tiny_compiles_for_v5e_with_data_parallelism(data_dir):
 def test_tiny_compiles_for_v5e_with_fsdp(data_dir):
   """2 x 2 mesh with fsdp: each chip holds about half the state, its compiled arguments shrink
   against data parallelism, and the parameters are all-gathered over the 2 chips of the fsdp
-  axis."""
+  axis. The weights are gathered at use, so the activations stay split by images: the gradients
+  are all-reduced over all 4 chips as with data parallelism, and nothing but scalars is summed
+  over the fsdp axis alone (no partial sums of activations split by channels)."""
   result, config = _compile_tiny(data_dir, fsdp=2)
   assert result["config"]["mesh"] == {"data": 2, "fsdp": 2}
   whole, per_chip = _state_bytes(config)
@@ -175,5 +177,11 @@ def test_tiny_compiles_for_v5e_with_fsdp(data_dir):
   argument = result["programs"]["train"]["memory_bytes"]["argument"]
   replicated = _compile_tiny(data_dir, fsdp=1)[0]["programs"]["train"]["memory_bytes"]
   assert argument < 0.8 * replicated["argument"]
-  assert any(r["kind"] == "all-gather" and r["group_size"] == 2
-             for r in result["programs"]["train"]["collectives"])
+  collectives = result["programs"]["train"]["collectives"]
+  assert any(r["kind"] == "all-gather" and r["group_size"] == 2 for r in collectives)
+  reduced_over_all = sum(r["bytes"] for r in collectives
+                         if r["kind"] == "all-reduce" and r["group_size"] == 4)
+  reduced_over_fsdp = sum(r["bytes"] for r in collectives
+                          if r["kind"] == "all-reduce" and r["group_size"] == 2)
+  assert reduced_over_all >= whole / 5, (reduced_over_all, whole)
+  assert reduced_over_fsdp < 1024, collectives

@@ -29,20 +29,14 @@ DINO_L = "large,optimizer.lr_scaling=sqrt"
 # row -> (group, config, topology, number of slices, programs)
 ROWS = {
     "city_f32_v5e-8": ("", f"configs/city.py:{CITY_8}", "v5e:2x4", 1, "train,eval,prototypes"),
-    "city_dinov2_L_v5e-8_fsdp1": ("dinoL", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=1",
+    "city_dinov2_L_v5e-8_fsdp1": ("", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=1",
                                   "v5e:2x4", 1, "train"),
-    "city_dinov2_L_v5e-8_fsdp2": ("dinoL", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=2",
-                                  "v5e:2x4", 1, "train"),
-    "city_dinov2_L_v5e-8_fsdp4": ("dinoL", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=4",
-                                  "v5e:2x4", 1, "train"),
-    "city_dinov2_L_v5e-8_fsdp8": ("dinoL", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=8",
-                                  "v5e:2x4", 1, "train"),
-    # The temporaries (what the backward pass keeps), not the state, decide whether the L pair
-    # fits, and fsdp shards only the state: the same sweep with each block rematerialised.
+    # What the backward pass keeps, more than the state, decides whether the L pair fits: the
+    # fsdp sweep with each block rematerialised.
     **{f"city_dinov2_L_v5e-8_fsdp{n}_remat": (
         "dinoL_remat", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp={n},model.remat=True",
         "v5e:2x4", 1, "train") for n in (1, 2, 4, 8)},
-    # With remat the float32 temporaries stay above 16 GiB at every fsdp: the same in bfloat16.
+    # The same sweep in bfloat16.
     **{f"city_dinov2_L_v5e-8_bf16_fsdp{n}_remat": (
         "dinoL_bf16_remat",
         f"configs/city_dinov2.py:{DINO_L},dtype=bfloat16,mesh.fsdp={n},model.remat=True",
@@ -54,10 +48,15 @@ ROWS = {
                                   "train"),
     "city_dinov2_B_v5e-8_fsdp2": ("dinoB", "configs/city_dinov2.py:mesh.fsdp=2", "v5e:2x4", 1,
                                   "train"),
+    # v5p-8 is 4 chips, 2 + 2 images each; v6e-8 is 8 chips, 1 + 1 each.
     "city_dinov2_L_v5p-8": ("", f"configs/city_dinov2.py:{DINO_L}", "v5p:2x2x1", 1, "train"),
-    **{f"city_dinov2_L_v6e-8_fsdp{n}": (
-        "dinoL_v6e", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp={n}", "v6e:2x4", 1, "train")
-       for n in (1, 2)},
+    "city_dinov2_L_v5p-8_remat": ("", f"configs/city_dinov2.py:{DINO_L},model.remat=True",
+                                  "v5p:2x2x1", 1, "train"),
+    "city_dinov2_L_v6e-8_fsdp2": ("", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=2", "v6e:2x4",
+                                  1, "train"),
+    "city_dinov2_L_v6e-8_fsdp1_remat": (
+        "", f"configs/city_dinov2.py:{DINO_L},mesh.fsdp=1,model.remat=True", "v6e:2x4", 1,
+        "train"),
     "city_setr_v5e-8": ("", f"configs/city_setr.py:{CITY_8}", "v5e:2x4", 1, "train"),
     "city_f32_2xv5e-4": ("", f"configs/city.py:{CITY_8}", "v5e:2x2", 2, "train"),
 }
